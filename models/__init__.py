@@ -1,0 +1,1 @@
+"""Shipped models (installed as the ``wsiseg.models`` package)."""

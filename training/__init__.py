@@ -1,0 +1,1 @@
+"""wsiseg_train: training module for wsiseg's U-Net (installed from the training/ folder)."""
