@@ -1,0 +1,148 @@
+"""ONNX Runtime model: the only module that calls onnxruntime.
+
+A model is loaded together with its contract (``wsiseg.contract``), checked against it (input
+and output layout, class count, tile size), and run on batches of uint8 RGB tiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ortstate
+
+from .contract import ContractError, ModelContract, from_metadata
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+
+
+# What onnxruntime raises for a bad file or a failed run (its types subclass only Exception).
+ORT_ERRORS = (_ortstate.Fail, _ortstate.InvalidArgument, _ortstate.InvalidGraph,
+              _ortstate.InvalidProtobuf, _ortstate.NoSuchFile, _ortstate.NoModel,
+              _ortstate.RuntimeException, _ortstate.NotImplemented, _ortstate.EngineError)
+
+
+class ModelError(ValueError):
+    """The model file cannot be used; the message says why."""
+
+
+def providers_for(device: str, available: list[str] | None = None) -> list[str]:
+    """Execution providers to ask for, best first, always ending with the CPU.
+
+    ``auto`` takes CUDA when present. TensorRT is only used when asked for: it builds an engine
+    per input shape first (minutes), which pays off on long runs but surprises a single slide.
+    A GPU device that is not available falls back to the CPU with a warning, so the same
+    command works on every machine (the report records what actually ran)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    available = ort.get_available_providers() if available is None else available
+    wanted = {"auto": ["cuda"], "cpu": [], "cuda": ["cuda"], "tensorrt": ["tensorrt", "cuda"]}
+    chosen = [_PROVIDER[d] for d in wanted[device] if _PROVIDER[d] in available]
+    if device in ("cuda", "tensorrt") and _PROVIDER[device] not in available:
+        log.warning("%s requested but onnxruntime here offers only %s; running on the CPU "
+                    "(install onnxruntime-gpu for GPU inference)", device, ", ".join(available))
+    return chosen + ["CPUExecutionProvider"]
+
+
+@dataclass
+class Model:
+    path: str
+    contract: ModelContract
+    session: ort.InferenceSession
+    input_name: str
+    output_name: str
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        """Class scores (N, C, H, W) float32 for uint8 RGB tiles (N, H, W, 3)."""
+        x = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))
+        if self.contract.input == "float32":
+            mean = np.asarray(self.contract.mean, np.float32).reshape(1, 3, 1, 1)
+            std = np.asarray(self.contract.std, np.float32).reshape(1, 3, 1, 1)
+            x = (x.astype(np.float32) / 255.0 - mean) / std
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "providers": self.providers, **self.contract.to_dict()}
+
+
+def _session(path: Path, providers: list[str]) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    provider_args: list = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            cache = os.environ.get("WSISEG_TRT_CACHE", str(Path.home() / ".cache" / "wsiseg-trt"))
+            provider_args.append((p, {"trt_engine_cache_enable": True,
+                                      "trt_engine_cache_path": cache}))
+        else:
+            provider_args.append(p)
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=provider_args)
+    except ORT_ERRORS as e:
+        raise ModelError(f"{path} is not a model ONNX Runtime can load: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+
+
+def load_model(path: str | Path, *, device: str = "auto") -> Model:
+    """Load an ONNX model, read its contract and check that the graph agrees with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model not found: {path}")
+    session = _session(path, providers_for(device))
+    try:
+        contract = from_metadata(session.get_modelmeta().custom_metadata_map)
+    except ContractError as e:
+        raise ModelError(f"{path.name}: {e}") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(f"{path.name}: expected one input and one output, found "
+                         f"{len(inputs)} and {len(outputs)}")
+    inp, out = inputs[0], outputs[0]
+    want_type = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}[contract.input]
+    if inp.type != want_type:
+        raise ModelError(f"{path.name}: contract says input {contract.input} but the graph "
+                         f"takes {inp.type}")
+    shape = inp.shape
+    if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+        raise ModelError(f"{path.name}: input must be [N, 3, H, W] RGB, graph has {shape}")
+    for dim in shape[2:]:
+        if isinstance(dim, int) and dim != contract.tile_px:
+            raise ModelError(f"{path.name}: graph input is fixed at {shape[2:]} but the contract "
+                             f"tile is {contract.tile_px}px")
+    model = Model(str(path), contract, session, inp.name, out.name)
+    # One tiny run catches what static shapes cannot tell (wrong class count, size changes).
+    side = contract.tile_px if any(isinstance(d, int) for d in shape[2:]) else \
+        contract.size_multiple * max(1, -(-2 * contract.border_px // contract.size_multiple) + 1)
+    try:
+        y = model.run(np.full((1, side, side, 3), 255, np.uint8))
+    except ORT_ERRORS as e:
+        raise ModelError(f"{path.name}: test run on a {side}px tile failed: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+    if y.shape != (1, contract.n_classes, side, side):
+        raise ModelError(f"{path.name}: output for a {side}px tile has shape {list(y.shape)}, "
+                         f"contract needs [1, {contract.n_classes}, {side}, {side}] "
+                         f"({contract.n_classes} classes)")
+    log.info("model %s v%s on %s", contract.name, contract.version, model.providers[0])
+    return model
+
+
+def check_tile_px(model: Model, tile_px: int) -> None:
+    c = model.contract
+    fixed = [d for d in model.session.get_inputs()[0].shape[2:] if isinstance(d, int)]
+    if fixed and tile_px != fixed[0]:
+        raise ModelError(f"this model takes {fixed[0]}px tiles only; drop --tile-px")
+    if tile_px % c.size_multiple or tile_px <= 2 * c.border_px:
+        raise ModelError(f"--tile-px {tile_px} must be a multiple of {c.size_multiple} and larger "
+                         f"than {2 * c.border_px}; try {max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)}")

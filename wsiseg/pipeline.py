@@ -1,0 +1,247 @@
+"""Slide → tissue mask → tiles → (reader threads) → ONNX model → stitched label map → TIFF.
+
+``segment_slide`` is the Python API behind ``wsiseg segment``. It logs (never prints), reports
+progress through a callback, and returns the report it wrote. The label canvas lives in a
+disk-backed memmap beside the output, so memory stays flat however large the slide; every
+output is written to a temporary name and moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import __version__
+from .engine import Model, check_tile_px, load_model
+from .slide import ReadPlan, Slide
+from .tiling import Tile, computed_px_ratio, tile_grid, tiles_on_mask
+from .tissue import TissueParams, area_mm2, tissue_mask
+from .writer import write_pyramid, write_stack
+
+log = logging.getLogger(__name__)
+
+
+class OutputError(ValueError):
+    """An output path cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    tile_px: int | None = None  # None: 1024 rounded to the model's size multiple
+    batch_size: int | None = None  # None: 1 on the CPU, 4 on a GPU
+    workers: int = 2  # reader threads
+    device: str = "auto"
+    mpp: float | None = None  # slide mpp override
+    tissue: TissueParams | None = field(default_factory=TissueParams)  # None: no tissue mask
+    thumbnail_mpp: float = 8.0
+    probabilities: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_report_path(map_path: Path) -> Path:
+    return map_path.with_suffix(".json")
+
+
+def check_output(path: Path, *, overwrite: bool) -> None:
+    """Fail early (before any work) on an output that exists or cannot be written."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} exists; pass --overwrite to replace it")
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name such as {path / 'map.tif'}")
+    if not folder.is_dir():
+        raise OutputError(f"output folder {folder} does not exist; create it first")
+    try:  # a real probe: permission bits say nothing to root or on read-only mounts
+        with tempfile.TemporaryFile(dir=folder, prefix=".wsiseg-probe-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"output folder {folder} is not writable ({e.strerror}); "
+                          "choose another -o") from None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_ahead(slide: Slide, plan: ReadPlan, tiles: list[Tile], tile_px: int, workers: int
+                ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
+    """Yield (tile, rgb, scanned) in order while ``workers`` threads read further tiles."""
+    ahead = max(2, 2 * workers)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsiseg-read") as pool:
+        queue: deque[tuple[Tile, Future]] = deque()
+        todo = iter(tiles)
+        try:
+            for t in todo:
+                queue.append((t, pool.submit(slide.read, plan, t.out_row, t.out_col,
+                                             tile_px, tile_px)))
+                if len(queue) >= ahead:
+                    tile, fut = queue.popleft()
+                    yield (tile, *fut.result())
+            while queue:
+                tile, fut = queue.popleft()
+                yield (tile, *fut.result())
+        finally:
+            for _, fut in queue:
+                fut.cancel()
+
+
+def _softmax_u8(scores: np.ndarray) -> np.ndarray:
+    e = np.exp(scores - scores.max(axis=0, keepdims=True))
+    return np.rint(255 * e / e.sum(axis=0, keepdims=True)).astype(np.uint8)
+
+
+def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
+              canvas: np.ndarray, probs: np.ndarray | None, tile_px: int, batch_size: int,
+              workers: int, progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Predict every tile and paste its core into ``canvas`` (and ``probs``). Returns timings."""
+    background = model.contract.background_value
+    t_model = 0.0
+    batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
+
+    def flush() -> None:
+        nonlocal t_model
+        t0 = time.perf_counter()
+        scores = model.run(np.stack([b[1] for b in batch]))
+        t_model += time.perf_counter() - t0
+        for (tile, _, scanned), s in zip(batch, scores):
+            rs, cs = tile.core_in_tile
+            labels = (s[:, rs, cs].argmax(axis=0) + 1).astype(np.uint8)
+            labels[~scanned[rs, cs]] = background  # unscanned glass is never tissue
+            canvas[tile.core_in_map] = labels
+            if probs is not None:
+                probs[(slice(None), *tile.core_in_map)] = _softmax_u8(s[:, rs, cs]) \
+                    if model.contract.output == "logits" else np.rint(255 * s[:, rs, cs])
+        if progress:
+            progress(len(batch))
+        batch.clear()
+
+    t0 = time.perf_counter()
+    for item in _read_ahead(slide, plan, tiles, tile_px, workers):
+        batch.append(item)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return {"tiles_s": time.perf_counter() - t0, "model_s": t_model}
+
+
+def class_counts(canvas: np.ndarray, n_values: int, rows_per_chunk: int = 2048) -> np.ndarray:
+    """Pixel count per map value 0..n_values-1, read in chunks (the canvas may be on disk)."""
+    counts = np.zeros(n_values, np.int64)
+    for r in range(0, canvas.shape[0], rows_per_chunk):
+        counts += np.bincount(np.asarray(canvas[r:r + rows_per_chunk]).ravel(),
+                              minlength=n_values)[:n_values]
+    return counts
+
+
+def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model | str | Path,
+                  options: SegmentOptions = SegmentOptions(), report_path: str | Path | None = None,
+                  overwrite: bool = False, on_start: Callable[[int], None] | None = None,
+                  progress: Callable[[int], None] | None = None) -> dict:
+    """Segment one slide into a pyramidal label TIFF at ``out_path`` and a JSON report.
+
+    ``on_start(n_tiles)`` is called once the tile count is known, ``progress(n)`` after each
+    batch. Returns the report (also written to ``report_path``, default ``MAP.json``)."""
+    t_start = time.perf_counter()
+    out_path = Path(out_path)
+    report_path = Path(report_path) if report_path else default_report_path(out_path)
+    check_output(out_path, overwrite=overwrite)
+    check_output(report_path, overwrite=overwrite)
+    if isinstance(model, (str, Path)):
+        model = load_model(model, device=options.device)
+    c = model.contract
+    tile_px = options.tile_px or max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)
+    check_tile_px(model, tile_px)
+    on_gpu = model.providers[0] != "CPUExecutionProvider"
+    batch_size = options.batch_size or (4 if on_gpu else 1)
+
+    with Slide(slide_path, mpp=options.mpp) as slide:
+        plan = slide.plan(c.mpp)
+        thumb, scanned, thumb_mpp = slide.thumbnail(options.thumbnail_mpp)
+        if options.tissue is None:
+            mask = scanned
+        else:
+            mask = tissue_mask(thumb, scanned, mpp=thumb_mpp, params=options.tissue)
+        all_tiles = tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px)
+        tiles = all_tiles if options.tissue is None else \
+            tiles_on_mask(all_tiles, mask, out_shape=plan.out_shape)
+        log.info("%s: %d of %d tiles of %dpx hold tissue", Path(slide_path).name, len(tiles),
+                 len(all_tiles), tile_px)
+        if on_start:
+            on_start(len(tiles))
+        with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".wsiseg-") as tmp:
+            canvas = np.memmap(Path(tmp) / "labels.u8", np.uint8, "w+", shape=plan.out_shape)
+            canvas[:] = c.background_value
+            probs = np.memmap(Path(tmp) / "probs.u8", np.uint8, "w+",
+                              shape=(c.n_classes, *plan.out_shape)) if options.probabilities else None
+            timing = run_tiles(model, slide, plan, tiles, canvas=canvas, probs=probs,
+                               tile_px=tile_px, batch_size=batch_size, workers=options.workers,
+                               progress=progress)
+            counts = class_counts(canvas, c.n_classes + 1)
+            description = {"wsiseg": __version__, "kind": "class map", "mpp": plan.mpp,
+                           "slide": Path(slide_path).name, "slide_mpp": slide.info.mpp,
+                           "legend": c.legend(), "contract": c.to_dict()}
+            colormap = [(0, 0, 0)] + [k.color for k in c.classes]
+            t0 = time.perf_counter()
+            levels = write_pyramid(out_path, canvas, mpp=plan.mpp, colormap=colormap,
+                          description=description)
+            if probs is not None:
+                write_stack(out_path.with_suffix(".prob.tif"), probs, mpp=plan.mpp,
+                            names=c.class_names,
+                            description={**description, "kind": "class probabilities x255"})
+            timing["write_s"] = time.perf_counter() - t0
+            del canvas, probs
+
+    out_px = plan.out_shape[0] * plan.out_shape[1]
+    px_mm2 = plan.mpp * plan.mpp / 1e6
+    timing["total_s"] = time.perf_counter() - t_start
+    timing["tissue_mpx_per_s"] = len(tiles) and (
+        sum(t.core_h * t.core_w for t in tiles) / 1e6 / timing["tiles_s"])
+    report = {
+        "wsiseg": __version__,
+        "slide": slide.info.to_dict(),
+        "map": {"path": str(out_path), "mpp": plan.mpp, "shape": list(plan.out_shape),
+                "levels": [list(lv) for lv in levels], "read_plan": plan.to_dict()},
+        "model": model.to_dict(),
+        "parameters": {**options.to_dict(), "tile_px": tile_px, "batch_size": batch_size,
+                       "border_px": c.border_px},
+        "tiles": {"total": len(all_tiles), "run": len(tiles),
+                  "computed_px_per_output_px": computed_px_ratio(len(tiles), tile_px=tile_px,
+                                                                 out_px=out_px)},
+        "tissue_mm2": area_mm2(mask, mpp=thumb_mpp),
+        "class_area_mm2": {name: float(counts[i + 1]) * px_mm2
+                           for i, name in enumerate(c.class_names)},
+        "not_analysed_mm2": float(counts[0]) * px_mm2,
+        "timing": timing,
+        "software": software_versions(),
+    }
+    write_json_atomic(report_path, report)
+    return report
+
+
+def software_versions() -> dict[str, str]:
+    import onnxruntime
+    import openslide
+    import tifffile
+    return {"wsiseg": __version__, "python": platform.python_version(),
+            "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
+            "openslide-python": openslide.__version__,
+            "openslide": openslide.__library_version__, "tifffile": tifffile.__version__}

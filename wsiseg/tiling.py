@@ -1,0 +1,74 @@
+"""Tile grid on the output frame: overlapping input windows whose centres tile the map.
+
+Each tile reads ``tile_px`` × ``tile_px`` input pixels and keeps only its centre (the core),
+``border_px`` inside each edge; cores abut exactly, so every output pixel is predicted by one
+tile with at least ``border_px`` of context on every side. Windows that stick out of the slide
+read background there (as the whole-region reference does), which is what makes the tiled map
+equal to a single pass over the whole region for any model whose receptive field radius is at
+most ``border_px``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tile:
+    out_row: int  # top-left of the input window on the output grid (may be negative)
+    out_col: int
+    core_row: int  # top-left of the kept core on the output grid
+    core_col: int
+    core_h: int  # size of the kept core (smaller at the bottom and right edges)
+    core_w: int
+
+    @property
+    def core_in_tile(self) -> tuple[slice, slice]:
+        """Where the core sits inside the tile's output array."""
+        r, c = self.core_row - self.out_row, self.core_col - self.out_col
+        return slice(r, r + self.core_h), slice(c, c + self.core_w)
+
+    @property
+    def core_in_map(self) -> tuple[slice, slice]:
+        return (slice(self.core_row, self.core_row + self.core_h),
+                slice(self.core_col, self.core_col + self.core_w))
+
+
+def tile_grid(out_shape: tuple[int, int], *, tile_px: int, border_px: int) -> list[Tile]:
+    """All tiles covering an output map of ``out_shape`` (rows, cols), row-major order."""
+    rows, cols = out_shape
+    if rows < 1 or cols < 1:
+        raise ValueError(f"output shape must be positive, got {out_shape}")
+    core = tile_px - 2 * border_px
+    if core < 1:
+        raise ValueError(f"tile of {tile_px}px with a border of {border_px}px keeps nothing; "
+                         f"use a tile larger than {2 * border_px}px")
+    tiles = []
+    for core_row in range(0, rows, core):
+        for core_col in range(0, cols, core):
+            tiles.append(Tile(out_row=core_row - border_px, out_col=core_col - border_px,
+                              core_row=core_row, core_col=core_col,
+                              core_h=min(core, rows - core_row), core_w=min(core, cols - core_col)))
+    return tiles
+
+
+def tiles_on_mask(tiles: list[Tile], mask: np.ndarray, *, out_shape: tuple[int, int]
+                  ) -> list[Tile]:
+    """Tiles whose core touches the mask; ``mask`` covers the same area as the output map at a
+    coarser (any) resolution."""
+    sr, sc = mask.shape[0] / out_shape[0], mask.shape[1] / out_shape[1]
+    kept = []
+    for t in tiles:
+        r0, c0 = int(t.core_row * sr), int(t.core_col * sc)
+        r1 = max(r0 + 1, int(np.ceil((t.core_row + t.core_h) * sr)))
+        c1 = max(c0 + 1, int(np.ceil((t.core_col + t.core_w) * sc)))
+        if mask[r0:r1, c0:c1].any():
+            kept.append(t)
+    return kept
+
+
+def computed_px_ratio(n_tiles: int, *, tile_px: int, out_px: int) -> float:
+    """Pixels the model computes per output pixel (>= 1; the cost of overlap)."""
+    return n_tiles * tile_px * tile_px / max(1, out_px)
