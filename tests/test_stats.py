@@ -1,0 +1,120 @@
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+
+from wsiseg import stats
+from wsiseg.contract import paper_contract
+from wsiseg.stats import class_stats, count_values, csv_header, csv_row, downsample_labels
+
+NAMES = ["tumour", "stroma", "background"]
+
+
+def small_map() -> np.ndarray:
+    labels = np.zeros((10, 20), dtype=np.uint8)  # 200 px, 0 = not analysed
+    labels[0:5, 0:10] = 1      # 50 px tumour
+    labels[5:10, 0:6] = 2      # 30 px stroma
+    labels[:, 15:20] = 3       # 50 px background
+    return labels
+
+
+def test_areas_are_count_times_mpp_squared():
+    s = class_stats(small_map(), mpp=2.0, class_names=NAMES, background_values=[3])
+    px_mm2 = 4.0 / 1e6
+    assert [c.pixels for c in s.classes] == [50, 30, 50]
+    assert [c.area_mm2 for c in s.classes] == pytest.approx([50 * px_mm2, 30 * px_mm2,
+                                                             50 * px_mm2], rel=1e-12)
+    assert s.analysed_mm2 == pytest.approx(130 * px_mm2, rel=1e-12)
+    assert s.tissue_mm2 == pytest.approx(80 * px_mm2, rel=1e-12)
+    assert s.classes[0].fraction_of_tissue == pytest.approx(50 / 80)
+    assert s.classes[1].fraction_of_tissue == pytest.approx(30 / 80)
+    assert s.classes[2].fraction_of_tissue is None  # background is not tissue
+    assert s.unknown_pixels == 0
+
+
+def test_without_background_all_analysed_pixels_are_tissue():
+    s = class_stats(small_map(), mpp=1.0, class_names=NAMES)
+    assert s.classes[2].fraction_of_tissue == pytest.approx(50 / 130)
+
+
+def test_values_beyond_the_classes_are_reported_not_counted():
+    labels = small_map()
+    labels[0, 0] = 9
+    s = class_stats(labels, mpp=1.0, class_names=NAMES)
+    assert s.unknown_pixels == 1
+    assert s.classes[0].pixels == 49
+
+
+def test_empty_and_untouched_maps_have_no_fractions():
+    for labels in (np.zeros((0, 0), np.uint8), np.zeros((4, 4), np.uint8)):
+        s = class_stats(labels, mpp=1.0, class_names=NAMES)
+        assert s.tissue_mm2 == 0
+        assert all(c.fraction_of_tissue is None and c.area_mm2 == 0 for c in s.classes)
+
+
+@pytest.mark.parametrize("mpp", [None, 0, -1.0, float("nan"), float("inf"), "1", True])
+def test_missing_or_bad_mpp_is_refused_with_a_hint(mpp):
+    with pytest.raises(ValueError, match="mpp"):
+        class_stats(small_map(), mpp=mpp, class_names=NAMES)
+
+
+def test_bad_maps_and_roles_are_refused():
+    with pytest.raises(ValueError, match="2-D integer"):
+        class_stats(np.zeros((2, 2, 3), np.uint8), mpp=1.0, class_names=NAMES)
+    with pytest.raises(ValueError, match="2-D integer"):
+        class_stats(np.zeros((2, 2), np.float32), mpp=1.0, class_names=NAMES)
+    with pytest.raises(ValueError, match="background value 4"):
+        class_stats(small_map(), mpp=1.0, class_names=NAMES, background_values=[4])
+
+
+def test_chunked_counting_matches_bincount(monkeypatch):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, size=(37, 23), dtype=np.uint8)
+    monkeypatch.setattr(stats, "_CHUNK_PX", 50)  # 2 rows per chunk
+    assert count_values(labels, 6).tolist() == np.bincount(labels.ravel(), minlength=6).tolist()
+
+
+def test_downsample_takes_block_centres_and_keeps_partial_blocks():
+    labels = np.arange(7 * 10, dtype=np.uint16).reshape(7, 10)
+    small = downsample_labels(labels, 4)
+    assert small.shape == (2, 3)
+    assert small[0].tolist() == [labels[2, 2], labels[2, 6], labels[2, 9]]  # last block clipped
+    assert small[1, 0] == labels[6, 2]
+    assert downsample_labels(labels, 1) is labels
+    with pytest.raises(ValueError, match="positive integer"):
+        downsample_labels(labels, 0)
+
+
+def test_downsampling_keeps_block_aligned_areas_exact():
+    labels = np.kron(small_map(), np.ones((8, 8), np.uint8))  # every class area x 64
+    full = class_stats(labels, mpp=1.0, class_names=NAMES)
+    reduced = class_stats(downsample_labels(labels, 8), mpp=8.0, class_names=NAMES)
+    assert [c.area_mm2 for c in reduced.classes] == pytest.approx(
+        [c.area_mm2 for c in full.classes], rel=1e-12)
+
+
+def test_to_dict_is_json_and_csv_row_matches_header():
+    contract = paper_contract()
+    labels = np.zeros((8, 8), np.uint8)
+    labels[:4] = contract.value_of("tumour")
+    labels[4:] = contract.value_of("desmoplastic stroma")
+    s = class_stats(labels, mpp=50.0, class_names=contract.class_names,
+                    background_values=[contract.background_value])
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["classes"][0]["name"] == "tumour" and d["mpp"] == 50.0
+
+    header = csv_header(contract.class_names)
+    row = csv_row("slide-1", s)
+    assert len(row) == len(header)
+    record = dict(zip(header, row))
+    assert record["tumour fraction"] == "0.5000"
+    assert record["tumour mm2"] == "0.0800"  # 32 px x 2500 um2
+    assert record["background fraction"] == ""
+    assert record["tsr_reason"] == "TSR not measured"
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, row])
+    assert buf.getvalue().splitlines()[1].startswith("slide-1,50,")
+    assert len(csv_row("s", s, with_tsr=False)) == len(csv_header(contract.class_names,
+                                                                  with_tsr=False))
