@@ -1,0 +1,128 @@
+"""Patch augmentation: geometry applied to image and labels alike, colour to the image only.
+
+Every transform is switchable and draws from an explicit ``numpy.random.Generator``. Labels
+are always resampled with nearest neighbour (order 0), so no new label values appear;
+unannotated pixels (0) stay 0, and pixels that a rotation or deformation brings in from outside
+the patch become 0 (unannotated) so they never contribute to the loss.
+
+Images are ``[H, W, 3]`` uint8 RGB, labels ``[H, W]`` uint8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from skimage.color import hed2rgb, hsv2rgb, rgb2hed, rgb2hsv
+from skimage.filters import gaussian
+from skimage.transform import warp
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = True
+    rot90: bool = True
+    rotate: bool = True
+    rotate_deg: float = 15.0             # small rotations, uniform in +-rotate_deg
+    elastic: bool = True
+    elastic_alpha: float = 8.0           # displacement amplitude in pixels
+    elastic_sigma: float = 12.0          # smoothness of the displacement field in pixels
+    blur: bool = True
+    blur_sigma: float = 1.0              # maximum Gaussian sigma in pixels
+    gamma: bool = True
+    gamma_range: float = 0.25            # gamma in [1 - r, 1 + r]
+    hsv: bool = True
+    hue_shift: float = 0.03              # fraction of the hue circle
+    saturation: float = 0.15             # saturation scale in [1 - s, 1 + s]
+    hed: bool = True
+    hed_sigma: float = 0.05              # stain scale and shift jitter per HED channel
+    contrast: bool = True
+    contrast_range: float = 0.2          # contrast scale in [1 - r, 1 + r]
+    probability: float = 0.5             # chance of each non-trivial transform per patch
+
+
+def _warp_pair(image: np.ndarray, labels: np.ndarray, coords: np.ndarray):
+    """Resample image (linear, edge values) and labels (nearest, 0 outside) at coords [2,H,W]."""
+    out = warp(image.astype(np.float32), coords, order=1, mode="edge", preserve_range=True)
+    lab = warp(labels, coords, order=0, mode="constant", cval=0, preserve_range=True)
+    return out, lab.astype(labels.dtype)
+
+
+def _grid(shape: tuple[int, int]) -> np.ndarray:
+    return np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+
+
+def rotate_coords(shape: tuple[int, int], degrees: float) -> np.ndarray:
+    rows, cols = _grid(shape)
+    cr, cc = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    t = np.deg2rad(degrees)
+    r, c = rows - cr, cols - cc
+    return np.stack([cr + np.cos(t) * r - np.sin(t) * c, cc + np.sin(t) * r + np.cos(t) * c])
+
+
+def elastic_coords(shape: tuple[int, int], alpha: float, sigma: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    grid = _grid(shape)
+    shift = []
+    for _ in range(2):
+        field = gaussian(rng.uniform(-1, 1, size=shape), sigma=sigma, mode="reflect")
+        field /= max(float(np.abs(field).max()), 1e-6)
+        shift.append(alpha * field)
+    return grid + np.stack(shift).astype(np.float32)
+
+
+def geometric(image: np.ndarray, labels: np.ndarray, cfg: AugmentConfig,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    if cfg.flip and rng.random() < 0.5:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    if cfg.flip and rng.random() < 0.5:
+        image, labels = image[::-1], labels[::-1]
+    if cfg.rot90:
+        k = int(rng.integers(4))
+        image, labels = np.rot90(image, k), np.rot90(labels, k)
+    image, labels = np.ascontiguousarray(image), np.ascontiguousarray(labels)
+    warped = False
+    if cfg.rotate and rng.random() < cfg.probability:
+        coords = rotate_coords(labels.shape, rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
+        image, labels = _warp_pair(image, labels, coords)
+        warped = True
+    if cfg.elastic and rng.random() < cfg.probability:
+        coords = elastic_coords(labels.shape, cfg.elastic_alpha, cfg.elastic_sigma, rng)
+        image, labels = _warp_pair(image, labels, coords)
+        warped = True
+    if warped:
+        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return image, labels
+
+
+def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    x = image.astype(np.float32) / 255.0
+    p = cfg.probability
+    if cfg.blur and rng.random() < p:
+        x = gaussian(x, sigma=rng.uniform(0.1, cfg.blur_sigma), channel_axis=-1, mode="reflect")
+    if cfg.hed and rng.random() < p:
+        hed = rgb2hed(np.clip(x, 0, 1))
+        scale = rng.normal(1.0, cfg.hed_sigma, size=3)
+        shift = rng.normal(0.0, cfg.hed_sigma, size=3) * np.abs(hed).max(axis=(0, 1))
+        x = hed2rgb(hed * scale + shift).astype(np.float32)
+    if cfg.hsv and rng.random() < p:
+        hsv = rgb2hsv(np.clip(x, 0, 1))
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-cfg.hue_shift, cfg.hue_shift)) % 1.0
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(1 - cfg.saturation, 1 + cfg.saturation),
+                              0, 1)
+        x = hsv2rgb(hsv).astype(np.float32)
+    if cfg.gamma and rng.random() < p:
+        x = np.clip(x, 0, 1) ** rng.uniform(1 - cfg.gamma_range, 1 + cfg.gamma_range)
+    if cfg.contrast and rng.random() < p:
+        mean = x.mean(axis=(0, 1), keepdims=True)
+        x = mean + (x - mean) * rng.uniform(1 - cfg.contrast_range, 1 + cfg.contrast_range)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def augment(image: np.ndarray, labels: np.ndarray, cfg: AugmentConfig,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Augmented copies of ``image [H, W, 3] uint8`` and ``labels [H, W]``."""
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f"image {image.shape[:2]} and labels {labels.shape} differ in size")
+    image, labels = geometric(image, labels, cfg, rng)
+    return photometric(image, cfg, rng), labels

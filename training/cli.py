@@ -1,0 +1,100 @@
+"""``wsiseg-train``: train, export and evaluate the U-Net.
+
+Exit codes: 0 success, 1 the run or the model failed (training, export, evaluation), 2 bad
+input (config, checkpoint, data files). Errors are one line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .annotations import AnnotationError
+from .config import ConfigError, load_config
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"wsiseg-train: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(fn, *args, **kwargs):
+    """Call fn, turning the errors a user can fix into one-line messages."""
+    from .export import ExportError
+    from .train import CheckpointError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, CheckpointError, AnnotationError, FileNotFoundError) as e:
+        _fail(str(e), 2)
+    except ExportError as e:
+        _fail(str(e), 1)
+    except (ValueError, OSError) as e:
+        _fail(str(e), 2)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Train wsiseg's U-Net on sparse and dense annotations and export it to ONNX."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("-o", "--run-dir", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default: runs/<config name> beside the config).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue the run in the run folder from last.pt.")
+def train(config: Path, run_dir: Path | None, overrides: tuple[str, ...], resume: bool) -> None:
+    """Train from CONFIG (TOML); writes checkpoints, metrics, a plot and model.onnx."""
+    from .train import train as run_training
+
+    cfg = _run(load_config, config, list(overrides))
+    run_dir = run_dir or config.resolve().parent / "runs" / config.stem
+    state = _run(run_training, cfg, run_dir, resume=resume)
+    click.echo(json.dumps({"run_dir": str(run_dir), "epochs": state["epoch"],
+                           "best_epoch": state["best_epoch"], "best_val_dice": state["best_dice"]}))
+
+
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="ONNX file to write.")
+def export(run: Path, output: Path) -> None:
+    """Export RUN (a run folder, whose best.pt is used, or a .pt checkpoint) to ONNX."""
+    from .export import export_onnx
+
+    report = _run(export_onnx, run, output)
+    click.echo(f"wrote {report['path']}: opset {report['opset']}, ONNX Runtime vs torch max abs "
+               f"diff {report['max_abs_diff']:.3g}", err=True)
+    click.echo(json.dumps({k: report[k] for k in ("path", "opset", "exporter", "max_abs_diff")}))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--split", default="val", show_default=True,
+              help="Which rows of the config's pair sets to score (train or val).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config key (repeatable).")
+def evaluate(model: Path, config: Path, split: str, overrides: tuple[str, ...]) -> None:
+    """Per-class Dice of the ONNX MODEL on the reference pairs of CONFIG's sets."""
+    from .evaluate import evaluate_onnx, summary_lines
+    from .sets import _load_set
+
+    if not model.is_file():
+        _fail(f"model {model} not found", 2)
+    cfg = _run(load_config, config, list(overrides))
+    items = [it for s in cfg.data.sets if s.kind == "pairs"
+             for it in _run(_load_set, s, cfg, split)]
+    result = _run(evaluate_onnx, model, items, list(cfg.model.classes))
+    for line in summary_lines(result):
+        click.echo(line, err=True)
+    click.echo(json.dumps(result))

@@ -1,0 +1,219 @@
+"""Run configuration: frozen dataclasses read from TOML, with ``section.key=value`` overrides.
+
+A config has four tables, ``[model]``, ``[data]`` (with ``[[data.sets]]``), ``[augment]`` and
+``[train]``; every key has a default except ``model.classes`` and ``data.sets``. Relative paths
+are resolved against the config file's folder. The resolved config is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .augment import AugmentConfig
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    classes: tuple[str, ...]
+    name: str = "wsiseg-unet"
+    version: str = "0"
+    colors: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
+    tumour_classes: tuple[str, ...] = ()
+    stroma_classes: tuple[str, ...] = ()
+    background: str = ""                 # class written where no tissue is found ("" = none)
+    width: int = 32
+    depth: int = 5
+    norm: str = "none"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)    # of RGB scaled to 0-1
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    border_px: int = 32                  # output pixels the engine discards at tile borders
+
+
+@dataclass(frozen=True)
+class SetSection:
+    kind: str                            # pairs | slide_labels | slide_annotations
+    annotation: str = "dense"            # dense | sparse
+    # pairs: a CSV listing image and mask files (paths relative to the CSV)
+    index: str = ""
+    image_column: str = "image"
+    mask_column: str = "label"
+    split_column: str = "split"          # rows whose value is "train" / "val"; "" = all train
+    mapping: str = "values"              # pairs: values | threshold
+    threshold: int = 128                 # threshold: mask >= threshold is foreground
+    foreground: str = ""                 # threshold: class of the foreground ...
+    foreground_column: str = ""          # ... or the CSV column whose value picks it
+    foreground_map: Mapping[str, str] = field(default_factory=dict)  # column value -> class
+    background: str = ""                 # threshold: class below threshold ("" = unannotated)
+    values: Mapping[str, str] = field(default_factory=dict)  # mask/raster value -> class
+    image_mpp: float = 0.0               # pairs: mpp of the images (0 = the model's mpp)
+    limit: int = 0                       # pairs: use only the first N of each split (0 = all)
+    # slides: [{slide=..., labels=... | annotations=..., split=..., slide_mpp=?, labels_mpp=?}]
+    items: tuple[Mapping[str, Any], ...] = ()
+    class_map: Mapping[str, str] = field(default_factory=dict)  # annotation class -> class
+
+
+@dataclass(frozen=True)
+class DataSection:
+    sets: tuple[SetSection, ...]
+    mpp: float = 1.0
+    patch_px: int = 384
+    sparse_dense_ratio: float = 4.0      # sparse:dense patches when both kinds are present
+    class_weights: Mapping[str, float] = field(default_factory=dict)  # default: uniform
+    jitter_px: int = -1                  # centre jitter; -1 = patch_px // 4
+    val_patches: int = 64
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    weighting: str = "minibatch"         # none | instance | minibatch
+    lr: float = 1e-5
+    lr_patience: int = 10                # epochs without validation gain before halving
+    lr_factor: float = 0.5
+    epochs: int = 300
+    iterations: int = 750                # per epoch
+    batch_size: int = 8
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda
+    amp: bool = True                     # bfloat16 autocast on CUDA (ignored on CPU)
+    export: bool = True                  # export best.pt to model.onnx at the end
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSection
+    data: DataSection
+    train: TrainSection = TrainSection()
+    augment: AugmentConfig = AugmentConfig()
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a table, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        default = fields[name].default
+        if isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        if isinstance(value, Mapping) and name in ("colors",):
+            value = {k: tuple(v) for k, v in value.items()}
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{name} must be true or false, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"{where}.{name} must be a number, got {value!r}")
+            value = type(default)(value) if isinstance(default, float) else value
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{where}.{name} must be a string, got {value!r}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _resolve(path: str, base: Path) -> str:
+    return str((base / path).resolve()) if path else path
+
+
+def from_dict(raw: Mapping[str, Any], base_dir: Path) -> Config:
+    unknown = sorted(set(raw) - {"model", "data", "augment", "train"})
+    if unknown:
+        raise ConfigError(f"unknown table [{unknown[0]}]; valid tables: model, data, augment, train")
+    for table in ("model", "data"):
+        if table not in raw:
+            raise ConfigError(f"the config has no [{table}] table")
+    data = dict(raw["data"])
+    sets = []
+    for i, s in enumerate(data.pop("sets", ())):
+        s = dict(s)
+        if "index" in s:
+            s["index"] = _resolve(s["index"], base_dir)
+        if "items" in s:
+            s["items"] = [{k: _resolve(v, base_dir) if k in ("slide", "labels", "annotations")
+                           else v for k, v in item.items()} for item in s["items"]]
+        sets.append(_build(SetSection, s, f"data.sets[{i}]"))
+    if not sets:
+        raise ConfigError("the config has no [[data.sets]]; add at least one training set")
+    if "classes" not in raw["model"]:
+        raise ConfigError("model.classes is missing: list the class names, e.g. "
+                          'classes = ["tumour", "stroma"]')
+    cfg = Config(model=_build(ModelSection, raw["model"], "model"),
+                 data=_build(DataSection, {**data, "sets": tuple(sets)}, "data"),
+                 train=_build(TrainSection, raw.get("train", {}), "train"),
+                 augment=_build(AugmentConfig, raw.get("augment", {}), "augment"))
+    check(cfg)
+    return cfg
+
+
+def check(cfg: Config) -> None:
+    names = cfg.model.classes
+    used = [*cfg.model.tumour_classes, *cfg.model.stroma_classes, *cfg.data.class_weights]
+    used += [cfg.model.background] if cfg.model.background else []
+    for s in cfg.data.sets:
+        used += [*s.foreground_map.values(), *s.values.values(), *s.class_map.values()]
+        used += [n for n in (s.foreground, s.background) if n]
+        if s.kind not in ("pairs", "slide_labels", "slide_annotations"):
+            raise ConfigError(f"data.sets kind {s.kind!r} is not one of pairs, slide_labels, "
+                              "slide_annotations")
+        if s.annotation not in ("dense", "sparse"):
+            raise ConfigError(f"data.sets annotation must be dense or sparse, got {s.annotation!r}")
+    for n in used:
+        if n and n not in names:
+            raise ConfigError(f"class {n!r} is used in the config but not listed in "
+                              f"model.classes {list(names)}")
+    m = 2 ** (cfg.model.depth - 1)
+    if cfg.data.patch_px % m:
+        raise ConfigError(f"data.patch_px {cfg.data.patch_px} must be a multiple of {m} for "
+                          f"model.depth {cfg.model.depth}; use {-(-cfg.data.patch_px // m) * m}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``section.key=value`` (value in TOML syntax; bare words are strings)."""
+    raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2:
+            raise ConfigError(f"--set {item!r}: write section.key=value, e.g. train.lr=1e-4")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        raw.setdefault(parts[0], {})[parts[1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return from_dict(apply_overrides(raw, list(overrides)), path.resolve().parent)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_saved(d: Mapping[str, Any]) -> Config:
+    """Rebuild a Config saved with ``to_dict`` (paths are already absolute)."""
+    return from_dict(d, Path("/"))

@@ -1,0 +1,212 @@
+"""Training sets: labelled images at the model's mpp, from image/mask pairs or whole slides.
+
+An :class:`Item` is one labelled image: its label map (uint8, 0 = unannotated, ``k`` = class
+``k``) at the model mpp, and either the image pixels (pairs) or an open slide that is read at
+the model mpp on demand. Three sources:
+
+- ``pairs``: image + mask files listed in a CSV; a mapping function turns a mask (and its CSV
+  row) into labels (:func:`threshold_mapping`, :func:`value_mapping`);
+- ``slide_labels``: a slide + a label raster at a known mpp (values mapped to classes);
+- ``slide_annotations``: a slide + QuPath GeoJSON or ASAP XML polygons.
+
+:class:`TrainingData` owns the slide handles (a context manager).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from skimage.io import imread
+from skimage.transform import rescale, resize
+
+from .annotations import read_annotations, rasterize
+
+Mapping_ = Callable[[np.ndarray, Mapping[str, str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    labels: np.ndarray                   # [rows, cols] uint8 at the model mpp
+    annotation: str = "dense"            # dense | sparse
+    image: np.ndarray | None = None      # [rows, cols, 3] uint8 at the model mpp (pairs)
+    slide: Any = None                    # openslide.OpenSlide (slides)
+    l0_per_px: float = 1.0               # level-0 slide pixels per model pixel
+
+
+def threshold_mapping(threshold: int, foreground: str | Callable[[Mapping[str, str]], int],
+                      background: int = 0) -> Mapping_:
+    """mask >= threshold -> the foreground value (fixed, or chosen from the CSV row)."""
+    def mapping(mask: np.ndarray, row: Mapping[str, str]) -> np.ndarray:
+        fg = foreground(row) if callable(foreground) else foreground
+        gray = mask if mask.ndim == 2 else mask[..., 0]
+        return np.where(gray >= threshold, fg, background).astype(np.uint8)
+    return mapping
+
+
+def value_mapping(values: Mapping[int, int]) -> Mapping_:
+    """Each listed mask value -> a label value; unlisted values -> 0 (unannotated)."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for k, v in values.items():
+        lut[int(k)] = v
+
+    def mapping(mask: np.ndarray, row: Mapping[str, str]) -> np.ndarray:
+        gray = mask if mask.ndim == 2 else mask[..., 0]
+        if gray.dtype != np.uint8:
+            raise ValueError(f"masks must be 8-bit for a value mapping, got {gray.dtype}")
+        return lut[gray]
+    return mapping
+
+
+def _rgb(image: np.ndarray, name: str) -> np.ndarray:
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"{name}: expected an RGB image, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected 8-bit RGB, got {image.dtype}")
+    return np.ascontiguousarray(image[..., :3])
+
+
+def read_pairs_csv(index: str | Path, *, image_column: str = "image",
+                   mask_column: str = "label") -> list[dict[str, str]]:
+    index = Path(index)
+    if not index.is_file():
+        raise FileNotFoundError(f"pairs index {index} not found")
+    with index.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for col in (image_column, mask_column):
+        if rows and col not in rows[0]:
+            raise ValueError(f"{index}: no column {col!r} (columns: {', '.join(rows[0])}); "
+                             "set image_column / mask_column")
+    return rows
+
+
+def load_pair(image_path: Path, mask_path: Path, mapping: Mapping_, row: Mapping[str, str],
+              *, scale: float = 1.0, annotation: str = "dense") -> Item:
+    image = _rgb(imread(image_path), str(image_path))
+    mask = imread(mask_path)
+    if image.shape[:2] != mask.shape[:2]:
+        raise ValueError(f"image {image_path.name} is {image.shape[1]}x{image.shape[0]} px but "
+                         f"its mask {mask_path.name} is {mask.shape[1]}x{mask.shape[0]} px; "
+                         "image and mask must have the same size")
+    labels = mapping(mask, row)
+    if scale != 1.0:
+        image = (rescale(image, scale, order=1, channel_axis=-1, preserve_range=True,
+                         anti_aliasing=scale < 1) + 0.5).astype(np.uint8)
+        labels = rescale(labels, scale, order=0, preserve_range=True,
+                         anti_aliasing=False).astype(np.uint8)
+    return Item(image_path.name, labels, annotation, image=image)
+
+
+def load_pairs(index: str | Path, mapping: Mapping_, *, split: str | None = None,
+               split_column: str = "split", image_column: str = "image",
+               mask_column: str = "label", limit: int = 0, scale: float = 1.0,
+               annotation: str = "dense") -> list[Item]:
+    """Items from a CSV of image/mask paths (relative to the CSV); ``split`` filters rows."""
+    rows = read_pairs_csv(index, image_column=image_column, mask_column=mask_column)
+    if split is not None and split_column:
+        rows = [r for r in rows if r.get(split_column) == split]
+    rows = rows[:limit] if limit else rows
+    base = Path(index).parent
+    return [load_pair(base / r[image_column], base / r[mask_column], mapping, r,
+                      scale=scale, annotation=annotation) for r in rows]
+
+
+def slide_mpp(slide: Any, override: float | None, name: str) -> float:
+    if override:
+        return float(override)
+    try:
+        return float(slide.properties["openslide.mpp-x"])
+    except (KeyError, ValueError):
+        raise ValueError(f"slide {name} has no mpp (openslide.mpp-x); give slide_mpp in its "
+                         "item of the config") from None
+
+
+def read_region(item: Item, row: int, col: int, size: int) -> np.ndarray:
+    """RGB ``[size, size, 3]`` uint8 of ``item`` at the model mpp, top-left (row, col).
+
+    Outside the image: white (as unscanned glass), transparent slide pixels likewise.
+    """
+    if item.image is not None:
+        out = np.full((size, size, 3), 255, dtype=np.uint8)
+        h, w = item.image.shape[:2]
+        r0, c0, r1, c1 = max(row, 0), max(col, 0), min(row + size, h), min(col + size, w)
+        if r1 > r0 and c1 > c0:
+            out[r0 - row:r1 - row, c0 - col:c1 - col] = item.image[r0:r1, c0:c1]
+        return out
+    f = item.l0_per_px
+    level = item.slide.get_best_level_for_downsample(f)
+    ds = item.slide.level_downsamples[level]
+    n = int(np.ceil(size * f / ds))
+    rgba = np.asarray(item.slide.read_region((int(round(col * f)), int(round(row * f))),
+                                             level, (n, n)), dtype=np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    rgb = rgba[..., :3] * alpha + 255.0 * (1 - alpha)
+    if n != size:
+        rgb = resize(rgb, (size, size), order=1, preserve_range=True, anti_aliasing=n > size)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def _resample_labels(raster: np.ndarray, shape: tuple[int, int], factor: float) -> np.ndarray:
+    """Nearest-neighbour resampling; ``factor`` = raster pixels per model pixel."""
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * factor).astype(int), raster.shape[0] - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * factor).astype(int), raster.shape[1] - 1)
+    return raster[rows[:, None], cols[None, :]]
+
+
+class TrainingData:
+    """Train and validation items; closes the slides it opened."""
+
+    def __init__(self, train: list[Item], val: list[Item], slides: list[Any] = ()) -> None:
+        self.train, self.val, self._slides = train, val, list(slides)
+
+    def close(self) -> None:
+        for s in self._slides:
+            s.close()
+        self._slides = []
+
+    def __enter__(self) -> "TrainingData":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load_slide_item(item: Mapping[str, Any], *, model_mpp: float, annotation: str,
+                    values: Mapping[int, int] | None = None,
+                    class_map: Mapping[str, int | None] | None = None) -> Item:
+    """One slide with a label raster (``labels``) or polygon annotations (``annotations``)."""
+    import openslide  # only slides need it; pairs-only runs do not open any slide
+
+    path = Path(item["slide"])
+    if not path.is_file():
+        raise FileNotFoundError(f"slide {path} not found")
+    slide = openslide.OpenSlide(str(path))
+    mpp = slide_mpp(slide, item.get("slide_mpp"), path.name)
+    f = model_mpp / mpp
+    l0_w, l0_h = slide.dimensions
+    shape = (max(1, int(round(l0_h / f))), max(1, int(round(l0_w / f))))
+    if "annotations" in item:
+        labels = rasterize(read_annotations(item["annotations"]), class_map or {}, (l0_w, l0_h),
+                           1.0 / f, source=Path(item["annotations"]).name)
+    elif "labels" in item:
+        if not item.get("labels_mpp"):
+            raise ValueError(f"{path.name}: give labels_mpp (microns per pixel of the label "
+                             "raster) in its item of the config")
+        raster = imread(item["labels"])
+        raster = raster if raster.ndim == 2 else raster[..., 0]
+        if values:
+            lut = np.zeros(256, dtype=np.uint8)
+            for k, v in values.items():
+                lut[int(k)] = v
+            raster = lut[raster]
+        labels = _resample_labels(raster, shape, model_mpp / float(item["labels_mpp"]))
+    else:
+        raise ValueError(f"{path.name}: a slide item needs 'labels' (a label raster) or "
+                         "'annotations' (GeoJSON / ASAP XML)")
+    return Item(path.name, labels.astype(np.uint8), annotation, slide=slide, l0_per_px=f)

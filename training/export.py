@@ -1,0 +1,134 @@
+"""Export a checkpoint to ONNX with the model contract in its metadata, then check it.
+
+The graph takes ``image`` uint8 ``[N, 3, H, W]`` (RGB 0-255; scaling and mean/std normalisation
+happen inside) and gives ``logits`` float32 ``[N, C, H, W]``; N, H and W are dynamic (H and W
+must be multiples of ``size_multiple``). The exporter is torch's TorchScript-based one
+(``dynamo=False``, opset 18, ``dynamic_axes``): the dynamo exporter needs the onnxscript package,
+which the training extra does not install. Every export is checked with ``onnx.checker`` and
+run with ONNX Runtime against torch on random input of two sizes; the largest absolute
+difference of the logits is reported and must stay below ``tolerance``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsiseg.contract import PAPER_CLASSES, ModelContract, TissueClass, to_metadata
+
+from .config import Config
+from .unet import size_multiple
+
+OPSET = 18
+# Distinct colours for classes that neither the config nor the paper's list names.
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+           (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195), (128, 128, 0))
+
+
+class ExportError(RuntimeError):
+    """The exported model failed its checks."""
+
+
+def class_colors(cfg: Config) -> list[TissueClass]:
+    paper = {c.name: c.color for c in PAPER_CLASSES}
+    out = []
+    for i, name in enumerate(cfg.model.classes):
+        color = cfg.model.colors.get(name) or paper.get(name) or PALETTE[i % len(PALETTE)]
+        out.append(TissueClass(name, tuple(int(v) for v in color)))  # type: ignore[arg-type]
+    return out
+
+
+def training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What the model was trained on and how well it validated (no local paths)."""
+    cfg, state = ckpt["config"], ckpt["state"]
+    best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
+    sets = [{"kind": s["kind"], "annotation": s["annotation"],
+             "source": Path(s["index"]).name if s["index"] else
+             f"{len(s['items'])} slides"} for s in cfg["data"]["sets"]]
+    return {"sets": sets, "mpp": cfg["data"]["mpp"], "patch_px": cfg["data"]["patch_px"],
+            "epochs": state["epoch"], "best_epoch": state["best_epoch"],
+            "iterations": state["epoch"] * cfg["train"]["iterations"],
+            "batch_size": cfg["train"]["batch_size"], "weighting": cfg["train"]["weighting"],
+            "lr": cfg["train"]["lr"], "seed": cfg["train"]["seed"],
+            "model": {k: cfg["model"][k] for k in ("width", "depth", "norm")},
+            "n_params": ckpt.get("n_params"),
+            "val_dice": best.get("val_dice"),
+            "val_dice_per_class": {k[5:]: v for k, v in best.items() if k.startswith("dice_")}}
+
+
+def make_contract(cfg: Config, training: dict[str, Any]) -> ModelContract:
+    m = cfg.model
+    return ModelContract(
+        name=m.name, version=m.version, mpp=cfg.data.mpp, tile_px=cfg.data.patch_px,
+        border_px=m.border_px, size_multiple=size_multiple(m.depth),
+        classes=tuple(class_colors(cfg)), tumour_classes=m.tumour_classes,
+        stroma_classes=m.stroma_classes, background=m.background or None, input="uint8",
+        output="logits", training=training)
+
+
+def parity(model: torch.nn.Module, path: Path, sizes: list[tuple[int, int, int]],
+           seed: int = 0) -> float:
+    """Largest |ORT - torch| over random uint8 inputs of the given (N, H, W) sizes."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for n, h, w in sizes:
+        x = rng.integers(0, 256, size=(n, 3, h, w), dtype=np.uint8)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = session.run(["logits"], {"image": x})[0]
+        if got.shape != ref.shape:
+            raise ExportError(f"ONNX output {got.shape} differs from torch {ref.shape}")
+        worst = max(worst, float(np.abs(got - ref).max()))
+    return worst
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, *, tolerance: float = 1e-3) -> dict:
+    """Export ``checkpoint`` (a .pt file or a run folder) to ``out``; returns a report."""
+    import onnx
+
+    from .train import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg, model = model_from_checkpoint(ckpt)
+    model.eval()
+    contract = make_contract(cfg, training_summary(ckpt))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    m = contract.size_multiple
+    side = max(2 * m, min(cfg.data.patch_px, 8 * m))
+    example = torch.zeros(1, 3, side, side, dtype=torch.uint8)
+    tmp = out.with_name(out.name + ".tmp")
+    dyn = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=OPSET,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": dyn, "logits": dyn})
+    proto = onnx.load(str(tmp))
+    proto.doc_string = f"{contract.name} {contract.version}: U-Net, {contract.n_classes} classes"
+    for key, value in to_metadata(contract).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(tmp))
+    try:
+        diff = parity(model, tmp, [(2, side, side), (1, side + m, 2 * m)])
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not diff <= tolerance:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"ONNX Runtime and torch differ by {diff:.3g} (> {tolerance})")
+    os.replace(tmp, out)
+    return {"path": str(out), "opset": OPSET, "exporter": "torchscript (dynamo=False)",
+            "max_abs_diff": diff, "contract": json.loads(json.dumps(contract.to_dict()))}

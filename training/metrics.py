@@ -1,0 +1,98 @@
+"""Dice per class on labelled pixels, and the run's metrics log (CSV, JSON, PNG plot)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def dice_counts(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``[n_classes, 3]`` true positives, false positives, false negatives of classes 1..C.
+
+    Only labelled pixels (labels > 0) count, so sparse references are scored where annotated.
+    """
+    valid = labels > 0
+    p, t = pred[valid].astype(np.int64), labels[valid].astype(np.int64)
+    conf = np.bincount(t * (n_classes + 1) + p, minlength=(n_classes + 1) ** 2)
+    conf = conf.reshape(n_classes + 1, n_classes + 1)[1:, 1:]   # [true, pred], classes 1..C
+    tp = np.diag(conf)
+    return np.stack([tp, conf.sum(axis=0) - tp, conf.sum(axis=1) - tp], axis=1)
+
+
+def dice_scores(counts: np.ndarray) -> tuple[list[float], float]:
+    """Per-class Dice (NaN where the class is absent from reference and prediction) and overall
+    Dice = mean over the classes present in the reference."""
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    denom = 2 * tp + fp + fn
+    per = [float(2 * a / d) if d else math.nan for a, d in zip(tp, denom)]
+    present = [d for d, ref in zip(per, tp + fn) if ref > 0]
+    return per, float(np.mean(present)) if present else math.nan
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_log(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
+    """metrics.csv and metrics.json (one record per epoch) and plot.png."""
+    if not history:
+        return
+    keys = list(history[0])
+    rows = [",".join(keys)] + [",".join(_fmt(h.get(k)) for k in keys) for h in history]
+    _atomic_write(run_dir / "metrics.csv", ("\n".join(rows) + "\n").encode())
+    _atomic_write(run_dir / "metrics.json", json.dumps(list(history), indent=1).encode())
+    plot(history, run_dir / "plot.png")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
+           series: list[tuple[str, list[float], tuple[int, int, int]]], lo: float | None = None,
+           hi: float | None = None) -> None:
+    x0, y0, x1, y1 = box
+    draw.rectangle(box, outline=(0, 0, 0))
+    values = [v for _, s, _ in series for v in s if math.isfinite(v)]
+    lo = min(values, default=0.0) if lo is None else lo
+    hi = max(values, default=1.0) if hi is None else hi
+    hi = hi if hi > lo else lo + 1.0
+    draw.text((x0 + 4, y0 - 14), f"{title}  [{lo:.3g} .. {hi:.3g}]", fill=(0, 0, 0))
+    for k, (name, s, color) in enumerate(series):
+        n = len(s)
+        pts = [(x0 + (x1 - x0) * (i / max(n - 1, 1)), y1 - (y1 - y0) * (v - lo) / (hi - lo))
+               for i, v in enumerate(s) if math.isfinite(v)]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        for p in pts:
+            draw.ellipse((p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2), fill=color)
+        draw.text((x1 - 90, y0 + 4 + 12 * k), name, fill=color)
+
+
+def plot(history: Sequence[dict[str, Any]], path: Path) -> None:
+    """Loss (train, val) and Dice (val) per epoch as a PNG (Pillow only)."""
+    img = Image.new("RGB", (640, 480), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    get = lambda k: [float(h[k]) for h in history]  # noqa: E731
+    _panel(draw, (50, 25, 620, 215), "loss per epoch",
+           [("train", get("train_loss"), (31, 119, 180)), ("val", get("val_loss"), (214, 39, 40))])
+    _panel(draw, (50, 265, 620, 455), "validation Dice per epoch",
+           [("overall", get("val_dice"), (44, 160, 44))], 0.0, 1.0)
+    draw.text((50, 462), f"epochs 1..{len(history)}", fill=(0, 0, 0))
+    tmp = path.with_name(path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)

@@ -1,0 +1,223 @@
+"""The training loop: read it top to bottom in :func:`train`.
+
+A run folder holds ``last.pt`` and ``best.pt`` (weights, optimiser, loop state, random states and
+the resolved config), ``metrics.csv``/``metrics.json``/``plot.png`` and, at the end,
+``model.onnx``. ``resume=True`` continues from ``last.pt``; because the random states are saved
+at the end of every epoch, a resumed run reaches the same weights as one that never stopped
+(on CPU; CUDA kernels are not bit-reproducible).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config, config_from_saved, to_dict
+from .losses import sparse_loss
+from .metrics import dice_counts, dice_scores, write_log
+from .sampling import Sampler, validation_set
+from .sets import build_data, class_values
+from .unet import UNetConfig, build_model, count_parameters
+
+log = logging.getLogger(__name__)
+FORMAT = "wsiseg-train/1"
+RESUMABLE_KEYS = (("train", "epochs"), ("train", "export"), ("train", "device"))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit the requested model."""
+
+
+def unet_config(cfg: Config) -> UNetConfig:
+    m = cfg.model
+    return UNetConfig(n_classes=len(m.classes), width=m.width, depth=m.depth, norm=m.norm)
+
+
+def make_model(cfg: Config) -> torch.nn.Module:
+    return build_model(unet_config(cfg), mean=cfg.model.mean, std=cfg.model.std)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device = \"cuda\" but no CUDA GPU is visible; use \"cpu\" or \"auto\"")
+    return torch.device(name)
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; give a run folder or a .pt file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a wsiseg-train checkpoint")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Config, torch.nn.Module]:
+    cfg = config_from_saved(ckpt["config"])
+    model = make_model(cfg)
+    load_weights(model, ckpt["model"], cfg)
+    return cfg, model
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], cfg: Config) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        u = unet_config(cfg)
+        raise CheckpointError(
+            f"the checkpoint's weights do not fit a U-Net of width {u.width}, depth {u.depth}, "
+            f"norm {u.norm}, {u.n_classes} classes; use the [model] section it was trained "
+            "with, or start a new run folder") from None
+
+
+def check_resumable(saved: Config, cfg: Config) -> None:
+    a, b = to_dict(saved), to_dict(cfg)
+    for section, key in RESUMABLE_KEYS:
+        a[section].pop(key), b[section].pop(key)
+    diff = [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b[s].get(k)]
+    if diff:
+        arch = [d for d in diff if d.split(".")[1] in ("width", "depth", "norm", "classes")]
+        what = "a different architecture" if arch else "different settings"
+        raise CheckpointError(f"cannot resume: the run was trained with {what} "
+                              f"({', '.join(arch or diff)} differ); only train.epochs, "
+                              "train.export and train.device may change on --resume")
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cfg: Config,
+             device: torch.device, batch: int) -> dict[str, Any]:
+    model.eval()
+    n_classes = len(cfg.model.classes)
+    counts = np.zeros((n_classes, 3), dtype=np.int64)
+    losses = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i:i + batch]).to(device)
+        y = torch.from_numpy(labels[i:i + batch]).to(device)
+        logits = model(x).float()
+        losses.append(float(sparse_loss(logits, y, cfg.train.weighting)))
+        pred = (logits.argmax(dim=1) + 1).cpu().numpy()
+        counts += dice_counts(pred, labels[i:i + batch], n_classes)
+    per, overall = dice_scores(counts)
+    return {"val_loss": float(np.mean(losses)), "val_dice": overall, "per_class": per}
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run; returns the final loop state (best Dice, epochs, history)."""
+    run_dir = Path(run_dir)
+    device = select_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = make_model(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    rng = np.random.default_rng(cfg.train.seed)
+    state: dict[str, Any] = {"epoch": 0, "lr": cfg.train.lr, "best_dice": -math.inf,
+                             "best_epoch": 0, "since_gain": 0, "history": []}
+    if resume:
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        check_resumable(config_from_saved(ckpt["config"]), cfg)
+        load_weights(model, ckpt["model"], cfg)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = ckpt["state"]
+        rng.bit_generator.state = ckpt["rng"]["numpy"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        log.info("resuming %s after epoch %d", run_dir, state["epoch"])
+    elif (run_dir / "last.pt").exists():
+        raise CheckpointError(f"{run_dir} already holds a run; use --resume to continue it or "
+                              "choose another run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    names = list(cfg.model.classes)
+    values = class_values(cfg)
+    amp = device.type == "cuda" and cfg.train.amp
+
+    with build_data(cfg) as data:
+        # The sampler's class index gets its own generator so that it is identical on resume.
+        sampler = Sampler(data.train, patch_px=cfg.data.patch_px,
+                          jitter_px=(cfg.data.jitter_px if cfg.data.jitter_px >= 0
+                                     else cfg.data.patch_px // 4),
+                          sparse_dense_ratio=cfg.data.sparse_dense_ratio,
+                          class_weights={values[k]: w for k, w in cfg.data.class_weights.items()},
+                          augment_cfg=cfg.augment, rng=np.random.default_rng(cfg.train.seed + 1))
+        val_x, val_y = validation_set(data.val, patch_px=cfg.data.patch_px,
+                                      n_patches=cfg.data.val_patches, seed=cfg.train.seed + 2)
+        log.info("%d train / %d val items, %d val patches, %s parameters, device %s",
+                 len(data.train), len(data.val), len(val_x), f"{count_parameters(model):,}", device)
+
+        while state["epoch"] < cfg.train.epochs:
+            model.train()
+            t0, losses = time.perf_counter(), []
+            for _ in range(cfg.train.iterations):
+                images, labels = sampler.batch(cfg.train.batch_size, rng)
+                x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = model(x)
+                loss = sparse_loss(logits.float(), y, cfg.train.weighting)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss))
+            seconds = time.perf_counter() - t0
+            val = validate(model, val_x, val_y, cfg, device, cfg.train.batch_size)
+            state["epoch"] += 1
+
+            # Keep the best model by validation Dice; halve the learning rate after
+            # lr_patience epochs without a gain (the paper's schedule).
+            gained = math.isfinite(val["val_dice"]) and val["val_dice"] > state["best_dice"]
+            if gained:
+                state.update(best_dice=val["val_dice"], best_epoch=state["epoch"], since_gain=0)
+            else:
+                state["since_gain"] += 1
+                if state["since_gain"] >= cfg.train.lr_patience:
+                    state["lr"] *= cfg.train.lr_factor
+                    state["since_gain"] = 0
+                    for g in optimizer.param_groups:
+                        g["lr"] = state["lr"]
+            record = {"epoch": state["epoch"], "iterations": state["epoch"] * cfg.train.iterations,
+                      "lr": state["lr"], "train_loss": float(np.mean(losses)),
+                      "val_loss": val["val_loss"], "val_dice": val["val_dice"],
+                      **{f"dice_{n}": d for n, d in zip(names, val["per_class"])},
+                      "seconds": seconds, "it_per_s": cfg.train.iterations / seconds}
+            state["history"].append(record)
+            payload = {"format": FORMAT, "config": to_dict(cfg), "model": model.state_dict(),
+                       "optimizer": optimizer.state_dict(), "state": state,
+                       "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+                       "n_params": count_parameters(model)}
+            if gained:
+                save_checkpoint(run_dir / "best.pt", payload)
+            save_checkpoint(run_dir / "last.pt", payload)
+            write_log(run_dir, state["history"])
+            log.info("epoch %d  loss %.4f  val loss %.4f  val Dice %.3f  lr %.2g  %.2f it/s",
+                     state["epoch"], record["train_loss"], record["val_loss"], record["val_dice"],
+                     state["lr"], record["it_per_s"])
+
+    if cfg.train.export and (run_dir / "best.pt").is_file():
+        from .export import export_onnx
+        report = export_onnx(run_dir / "best.pt", run_dir / "model.onnx")
+        log.info("exported %s (ONNX Runtime vs torch max abs diff %.2g)", report["path"],
+                 report["max_abs_diff"])
+    return state
+
+
+def with_overrides(cfg: Config, **train_keys: Any) -> Config:
+    """A copy of ``cfg`` with some ``[train]`` keys replaced (used by tests and the CLI)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_keys))
