@@ -241,6 +241,8 @@ def _atomic(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path).absolute()
     folder = final.parent
     if not folder.is_dir():
+        if folder.exists():
+            raise NotADirectoryError(f"output folder {folder} is not a folder")
         raise FileNotFoundError(f"output folder {folder} does not exist")
     if final.is_dir():
         raise IsADirectoryError(f"output path {final} is a folder")
