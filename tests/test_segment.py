@@ -128,11 +128,17 @@ def test_existing_output_needs_overwrite(tissue, colour_model, tmp_path):
     assert out.read_bytes()[:2] in (b"II", b"MM")
 
 
-@pytest.mark.parametrize("where", ["missing-folder", "proc"])
-def test_unwritable_output_folder(tissue, colour_model, tmp_path, where):
-    out = tmp_path / "nope" / "map.tif" if where == "missing-folder" else Path("/proc/map.tif")
+@pytest.mark.parametrize("out", [Path("/proc/map.tif"), Path("/proc/new/map.tif")],
+                         ids=["read-only", "cannot-create"])
+def test_unwritable_output_folder(tissue, colour_model, out):
     with pytest.raises(OutputError, match="folder"):
         segment_slide(tissue[0], out, model=colour_model)
+
+
+def test_missing_output_folder_is_created(tissue, colour_model, tmp_path):
+    out = tmp_path / "a" / "b" / "map.tif"
+    segment_slide(tissue[0], out, model=colour_model, options=SegmentOptions(tile_px=64))
+    assert out.is_file() and out.with_suffix(".json").is_file()
 
 
 def test_interrupt_leaves_nothing(tissue, colour_model, tmp_path):

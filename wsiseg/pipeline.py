@@ -8,6 +8,7 @@ output is written to a temporary name and moved into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import __version__
+from .canvas import DiskCanvas, DiskStack
 from .engine import Model, check_tile_px, load_model
 from .slide import ReadPlan, Slide
 from .tiling import Tile, computed_px_ratio, tile_grid, tiles_on_mask
@@ -62,8 +64,14 @@ def check_output(path: Path, *, overwrite: bool) -> None:
         raise OutputError(f"{path} exists; pass --overwrite to replace it")
     if path.is_dir():
         raise OutputError(f"{path} is a folder; give a file name such as {path / 'map.tif'}")
+    if not folder.exists():
+        try:
+            folder.mkdir(parents=True)
+        except OSError as e:
+            raise OutputError(f"cannot create output folder {folder} ({e.strerror}); "
+                              "choose another -o") from None
     if not folder.is_dir():
-        raise OutputError(f"output folder {folder} does not exist; create it first")
+        raise OutputError(f"output folder {folder} is not a folder; choose another -o")
     try:  # a real probe: permission bits say nothing to root or on read-only mounts
         with tempfile.TemporaryFile(dir=folder, prefix=".wsiseg-probe-"):
             pass
@@ -109,7 +117,7 @@ def _softmax_u8(scores: np.ndarray) -> np.ndarray:
 
 
 def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
-              canvas: np.ndarray, probs: np.ndarray | None, tile_px: int, batch_size: int,
+              canvas: DiskCanvas, probs: DiskStack | None, tile_px: int, batch_size: int,
               workers: int, progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """Predict every tile and paste its core into ``canvas`` (and ``probs``). Returns timings."""
     background = model.contract.background_value
@@ -125,10 +133,11 @@ def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
             rs, cs = tile.core_in_tile
             labels = (s[:, rs, cs].argmax(axis=0) + 1).astype(np.uint8)
             labels[~scanned[rs, cs]] = background  # unscanned glass is never tissue
-            canvas[tile.core_in_map] = labels
+            canvas.paste(tile.core_row, tile.core_col, labels)
             if probs is not None:
-                probs[(slice(None), *tile.core_in_map)] = _softmax_u8(s[:, rs, cs]) \
-                    if model.contract.output == "logits" else np.rint(255 * s[:, rs, cs])
+                probs.paste(tile.core_row, tile.core_col, _softmax_u8(s[:, rs, cs])
+                            if model.contract.output == "logits"
+                            else np.rint(255 * s[:, rs, cs]).astype(np.uint8))
         if progress:
             progress(len(batch))
         batch.clear()
@@ -143,12 +152,13 @@ def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
     return {"tiles_s": time.perf_counter() - t0, "model_s": t_model}
 
 
-def class_counts(canvas: np.ndarray, n_values: int, rows_per_chunk: int = 2048) -> np.ndarray:
-    """Pixel count per map value 0..n_values-1, read in chunks (the canvas may be on disk)."""
+def class_counts(canvas: DiskCanvas, n_values: int, chunk_px: int = 1 << 20) -> np.ndarray:
+    """Pixel count per map value 0..n_values-1, read in chunks (bincount widens to int64, so
+    chunks stay small)."""
     counts = np.zeros(n_values, np.int64)
-    for r in range(0, canvas.shape[0], rows_per_chunk):
-        counts += np.bincount(np.asarray(canvas[r:r + rows_per_chunk]).ravel(),
-                              minlength=n_values)[:n_values]
+    rows = max(1, chunk_px // canvas.shape[1])
+    for r in range(0, canvas.shape[0], rows):
+        counts += np.bincount(canvas[r:r + rows].ravel(), minlength=n_values)[:n_values]
     return counts
 
 
@@ -187,11 +197,13 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
                  len(all_tiles), tile_px)
         if on_start:
             on_start(len(tiles))
-        with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".wsiseg-") as tmp:
-            canvas = np.memmap(Path(tmp) / "labels.u8", np.uint8, "w+", shape=plan.out_shape)
-            canvas[:] = c.background_value
-            probs = np.memmap(Path(tmp) / "probs.u8", np.uint8, "w+",
-                              shape=(c.n_classes, *plan.out_shape)) if options.probabilities else None
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(
+                tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".wsiseg-"))
+            canvas = stack.enter_context(DiskCanvas(Path(tmp) / "labels.u8", plan.out_shape,
+                                                    fill=c.background_value))
+            probs = stack.enter_context(DiskStack(tmp, (c.n_classes, *plan.out_shape))) \
+                if options.probabilities else None
             timing = run_tiles(model, slide, plan, tiles, canvas=canvas, probs=probs,
                                tile_px=tile_px, batch_size=batch_size, workers=options.workers,
                                progress=progress)
@@ -208,7 +220,6 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
                             names=c.class_names,
                             description={**description, "kind": "class probabilities x255"})
             timing["write_s"] = time.perf_counter() - t0
-            del canvas, probs
 
     out_px = plan.out_shape[0] * plan.out_shape[1]
     px_mm2 = plan.mpp * plan.mpp / 1e6

@@ -1,0 +1,191 @@
+"""Engine benchmark: model-only vs end-to-end throughput, and peak memory vs slide size.
+
+    python benchmarks/bench_engine.py speed --model MODEL.onnx [--slide SLIDE] [--mpp 0.5]
+    python benchmarks/bench_engine.py memory [--large-px 60000]
+
+``speed`` reads the tiles that ``wsiseg segment`` would run on a real slide, keeps them in
+memory and times the model alone on them (model-only), then times ``segment_slide`` on the same
+slide with the same options (end-to-end: reading, resampling, model, stitching, writing).
+Both are reported in tissue Mpx/s (output pixels of the tiles' cores per second), with the
+ratio end-to-end / model-only and the pixels computed per output pixel.
+
+``memory`` builds synthetic pyramidal slides (a small one and a large one, tissue on a
+fraction of the area), segments each in a fresh process with a tiny colour-rule model and
+reports the peak resident memory of that process: the canvas is on disk, so the large slide
+should need about as much memory as the small one.
+
+Results go to stdout as JSON lines; benchmarks/RESULTS.md records runs with their machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SLIDES = ROOT.parent / "shared" / "data" / "slides"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+def speed(args: argparse.Namespace) -> dict:
+    from wsiseg.engine import load_model
+    from wsiseg.pipeline import SegmentOptions, segment_slide
+    from wsiseg.slide import Slide
+    from wsiseg.tiling import tile_grid, tiles_on_mask
+    from wsiseg.tissue import TissueParams, tissue_mask
+
+    model = load_model(args.model, device=args.device)
+    c = model.contract
+    tile_px = args.tile_px or max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)
+    opts = SegmentOptions(tile_px=tile_px, batch_size=args.batch_size, device=args.device,
+                          mpp=args.mpp, workers=args.workers)
+    batch = opts.batch_size or 1
+    with Slide(args.slide, mpp=args.mpp) as s:
+        plan = s.plan(c.mpp)
+        thumb, scanned, tmpp = s.thumbnail(opts.thumbnail_mpp)
+        mask = tissue_mask(thumb, scanned, mpp=tmpp, params=TissueParams())
+        tiles = tiles_on_mask(tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px),
+                              mask, out_shape=plan.out_shape)
+        t0 = time.perf_counter()
+        pixels = [s.read(plan, t.out_row, t.out_col, tile_px, tile_px)[0] for t in tiles]
+        read_s = time.perf_counter() - t0
+    core_mpx = sum(t.core_h * t.core_w for t in tiles) / 1e6
+    model.run(pixels[0][None])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(pixels), batch):
+        model.run(np.stack(pixels[i:i + batch]))
+    model_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        report = segment_slide(args.slide, Path(tmp) / "map.tif", model=model, options=opts)
+    t = report["timing"]
+    return {
+        "bench": "speed", "slide": Path(args.slide).name, "model": Path(args.model).name,
+        "providers": model.providers, "tile_px": tile_px, "batch_size": batch,
+        "workers": args.workers, "tiles": len(tiles), "tissue_mpx": round(core_mpx, 3),
+        "computed_px_per_output_px": round(report["tiles"]["computed_px_per_output_px"], 3),
+        "read_only_mpx_s": round(core_mpx / read_s, 3),
+        "model_only_mpx_s": round(core_mpx / model_s, 4),
+        "end_to_end_tiles_mpx_s": round(core_mpx / t["tiles_s"], 4),
+        "end_to_end_total_mpx_s": round(core_mpx / t["total_s"], 4),
+        "ratio_tiles": round(model_s / t["tiles_s"], 3),
+        "ratio_total": round(model_s / t["total_s"], 3),
+        "write_s": round(t["write_s"], 2), "machine": machine(),
+    }
+
+
+def build_large_slide(path: Path, side_px: int, *, mpp: float, tissue_fraction: float) -> None:
+    """A tiled pyramidal RGB TIFF of side_px², white with pink/purple stripes of tissue in a
+    band covering ``tissue_fraction`` of the rows, written tile by tile (flat memory)."""
+    import tifffile
+    tile = 512
+    band = (int(side_px * (0.5 - tissue_fraction / 2)), int(side_px * (0.5 + tissue_fraction / 2)))
+    pink, purple = np.array([235, 140, 190], np.uint8), np.array([110, 60, 160], np.uint8)
+
+    def tiles(side: int, scale: int):
+        for r in range(0, side, tile):
+            for c in range(0, side, tile):
+                t = np.full((tile, tile, 3), 255, np.uint8)
+                rows = (np.arange(r, r + tile) * scale)
+                in_band = (rows >= band[0]) & (rows < band[1])
+                cols = (np.arange(c, c + tile) * scale)
+                stripe = ((cols // 300) % 2).astype(bool)
+                t[in_band] = np.where(stripe[:, None], purple, pink)[None]
+                yield t
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        side, scale, level = side_px, 1, 0
+        while True:
+            tw.write(tiles(side, scale), shape=(side, side, 3), dtype=np.uint8,
+                     tile=(tile, tile), photometric="rgb", compression="zlib",
+                     compressionargs={"level": 1}, subfiletype=1 if level else 0,
+                     resolution=(1e4 / (mpp * scale), 1e4 / (mpp * scale)),
+                     resolutionunit="CENTIMETER")
+            if side <= 2048:
+                break
+            side, scale, level = -(-side // 2), scale * 2, level + 1
+
+
+_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, {tests!r})
+from wsiseg.pipeline import SegmentOptions, segment_slide
+t = time.perf_counter()
+r = segment_slide({slide!r}, {out!r}, model={model!r}, options=SegmentOptions(tile_px=1024))
+print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "seconds": time.perf_counter() - t, "tiles": r["tiles"]["run"],
+                  "map_shape": r["map"]["shape"]}}))
+"""
+
+
+def memory(args: argparse.Namespace) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from onnx_models import colour_rule_model, contract
+
+    from wsiseg.contract import to_metadata
+    results = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        tmp = Path(tmp)
+        model = colour_rule_model(tmp / "m.onnx", meta=to_metadata(
+            contract(mpp=1.0, tile_px=256, border_px=16, size_multiple=16)))
+        for side in (args.small_px, args.large_px):
+            slide = tmp / f"synthetic-{side}.tif"
+            t0 = time.perf_counter()
+            build_large_slide(slide, side, mpp=1.0, tissue_fraction=args.tissue_fraction)
+            build_s = time.perf_counter() - t0
+            code = _CHILD.format(tests=str(ROOT / "tests"), slide=str(slide),
+                                 out=str(tmp / f"map-{side}.tif"), model=str(model))
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results.append({"bench": "memory", "side_px": side, "build_s": round(build_s, 1),
+                            **{k: (round(v, 1) if isinstance(v, float) else v)
+                               for k, v in r.items()}, "machine": machine()})
+            slide.unlink()
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--model", required=True)
+    s.add_argument("--slide", default=str(SLIDES / "CMU-1-Small-Region.svs"))
+    s.add_argument("--mpp", type=float)
+    s.add_argument("--tile-px", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--device", default="auto")
+    m = sub.add_parser("memory")
+    m.add_argument("--small-px", type=int, default=4096)
+    m.add_argument("--large-px", type=int, default=60000)
+    m.add_argument("--tissue-fraction", type=float, default=0.05)
+    m.add_argument("--tmp", default=None, help="folder for the synthetic slides")
+    args = p.parse_args()
+    res = speed(args) if args.cmd == "speed" else memory(args)
+    for r in res if isinstance(res, list) else [res]:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
