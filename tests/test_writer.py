@@ -230,8 +230,9 @@ class FailingRows:
 @pytest.mark.parametrize("error", [OSError("disk read failed"), KeyboardInterrupt()])
 def test_failure_leaves_nothing_and_keeps_old_file(tmp_path, error):
     path = tmp_path / "map.tif"
-    with pytest.raises(type(error)):
+    with pytest.raises(type(error)) as raised:
         write_pyramid(path, FailingRows((2000, 700), 1500, error), mpp=1.0, tile_px=256)
+    assert raised.value is error  # not masked by an error from closing the half-written file
     assert list(tmp_path.iterdir()) == []
     path.write_bytes(b"previous map")
     with pytest.raises(type(error)):
@@ -257,10 +258,12 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     stale = tmp_path / f".map.tif.tmp-{host}-{dead.pid}-0a1b2c3d"
     alive = tmp_path / f".map.tif.tmp-{host}-{os.getppid()}-0a1b2c3d"
     other_host = tmp_path / f".map.tif.tmp-elsewhere-{dead.pid}-0a1b2c3d"
-    for f in (stale, alive, other_host):
+    other_map = tmp_path / f".map.tif.tif.tmp-{host}-{dead.pid}-0a1b2c3d"
+    for f in (stale, alive, other_host, other_map):
         f.write_bytes(b"partial")
     write_pyramid(tmp_path / "map.tif", np.zeros((10, 10), np.uint8), mpp=1.0)
-    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "map.tif", alive, other_host])
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "map.tif", alive, other_host,
+                                                 other_map])
 
 
 def test_output_folder_errors_name_the_folder(tmp_path):

@@ -2,20 +2,19 @@
 
 Why the file looks the way it does:
 
-- Every level is a tiled *top-level* page and every level after the first carries
-  ``SubfileType = 1``: OpenSlide's generic-TIFF reader walks top-level IFDs only and ignores
-  SubIFD pyramids.
+- Every level is a tiled *top-level* page, those after the first with ``SubfileType = 1``:
+  OpenSlide's generic-TIFF reader walks top-level IFDs only and ignores SubIFD pyramids.
 - Levels halve by nearest neighbour (``level[::2, ::2]``) so that class values never mix.
-- Resolution tags are pixels per centimetre (1e4 / mpp of that level); OpenSlide derives
-  ``openslide.mpp-x/y`` from them for generic TIFFs.
-- With a colormap the pages are palette images, so viewers show classes in colour; the legend
+- Resolution tags in pixels per centimetre (1e4 / mpp of the level): OpenSlide derives
+  ``openslide.mpp-x/y`` from them.
+- With a colormap, pages are palette images, so viewers show classes in colour; the legend
   and provenance travel as JSON in the ImageDescription of page 0.
-- The file is written to a temporary name in the output folder and renamed into place, so a
-  failed or interrupted run never leaves a half-written file at the final path.
+- The file is written under a temporary name in the output folder and renamed into place:
+  a failed or interrupted run never leaves a half-written file at the final path.
 
 Memory stays flat for maps far larger than RAM: the input is read one strip of tile rows at a
 time, and each reduced level is built from the strips of the level above while that level is
-being written, into an anonymous temporary file next to the output.
+written, into an anonymous temporary file next to the output (about 1/3 of the raw map size).
 This is the only module that writes TIFF with tifffile.
 """
 
@@ -23,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import mmap
 import os
@@ -36,6 +36,8 @@ import numpy as np
 import tifffile
 
 from wsiseg import __version__
+
+log = logging.getLogger(__name__)
 
 COMPRESSIONS = ("zlib", None)  # what every target reader decodes without extra codecs
 _BUFFER_BYTES = 8 << 20  # tiles tifffile may hold ahead of the encoder (its default: 512 MiB)
@@ -122,7 +124,7 @@ def read_description(path: str | os.PathLike) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        value = None
+        value = None  # reported below, with the hint
     if not isinstance(value, dict):
         raise ValueError(f"{path}: the image description is not a JSON object; "
                          "was the file written by wsiseg?")
@@ -263,17 +265,23 @@ def _atomic(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _remove_stale(folder: Path, prefix: str) -> None:
-    """Delete temporary files that writers on this host left when they were killed.
-
-    The writer's pid is in the name; a file is removed only if that process no longer exists.
-    """
-    for old in folder.glob(prefix + "*"):
-        pid = old.name[len(prefix):].split("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+    """Delete temporary files left by writers on this host that were killed (pid in the name)."""
+    for entry in os.scandir(folder):
+        pid = entry.name[len(prefix):].split("-")[0]
+        if (not entry.name.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid()
+                or _running(int(pid))):
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            old.unlink(missing_ok=True)
-        except PermissionError:  # alive, owned by another user: keep its file
-            continue
+            os.unlink(entry.path)
+        except OSError as e:  # e.g. another user's file in a shared folder: do not fail for it
+            log.warning("could not remove stale temporary file %s: %s", entry.path, e.strerror)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
