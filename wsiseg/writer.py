@@ -285,3 +285,31 @@ def _running(pid: int) -> bool:
     except PermissionError:  # exists, owned by another user
         return True
     return True
+
+
+def level_shapes(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """(h, w) of every page of a map, level 0 first."""
+    with tifffile.TiffFile(path) as tif:
+        return [tuple(p.shape[:2]) for p in tif.pages]  # type: ignore[misc]
+
+
+def count_values(path: str | os.PathLike, *, n_values: int, level: int = 0) -> np.ndarray:
+    """Pixel count of every value 0..n_values-1 on one level, decoding one tile at a time (so a
+    whole-slide map never has to fit in memory). Tiles are cropped to the image: the padding
+    of edge tiles is not counted."""
+    counts = np.zeros(n_values, np.int64)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[level]
+        h, w = page.shape[:2]
+        for data, index, _ in page.segments(maxworkers=1):
+            if data is None:
+                continue
+            r0, c0 = index[-3], index[-2]  # (..., row, col, sample) of the tile's corner
+            tile = data.reshape(data.shape[-3], data.shape[-2], -1)[..., 0]
+            tile = tile[: max(0, h - r0), : max(0, w - c0)]
+            counts += np.bincount(tile.ravel(), minlength=n_values)[:n_values]
+    return counts
+
+
+def version() -> str:
+    return tifffile.__version__
