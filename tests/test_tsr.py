@@ -43,6 +43,7 @@ def two_fields():
 def test_kernels_partition_the_disk_into_rotated_sectors():
     disk, sectors = field_kernels(5)
     assert disk.sum() == 81
+    assert field_kernels(5, 0.5)[1].sum(axis=(1, 2)).tolist() == [15, 15, 15, 15]  # r2 >= 6.25
     assert sectors.sum(axis=(1, 2)).tolist() == [20, 20, 20, 20]
     assert (sectors.sum(0) + (np.arange(121).reshape(11, 11) == 60) == disk).all()
     n, e, s, w = sectors
@@ -60,6 +61,7 @@ def test_30_70_layout_gives_30_and_70_and_distribution():
     assert hot.tsr_pct == 70.0 and hot.score_pct == 70 and hot.category == "stroma-high"
     assert (hot.grid_row, hot.grid_col) == (20, 45)
     assert (hot.centre_row_um, hot.centre_col_um) == (205.0, 455.0)
+    assert type(hot.centre_row_um) is float and type(hot.grid_col) is int  # plain JSON types
     assert hot.stroma_mm2 == pytest.approx(56e-4) and hot.tumour_mm2 == pytest.approx(24e-4)
     assert res.hotspot_reason is None
     # the whole tumour holds both fields: 80 stroma / 160 px; exactly 50 % is stroma-low
@@ -79,11 +81,11 @@ def test_a_finer_map_is_reduced_to_the_grid_with_the_same_answer():
     assert (res.hotspot.centre_row_px, res.hotspot.centre_col_px) == (82.0, 182.0)
 
 
-def four_sided_field(sides="NESW", w_blob=(3, 3)):
+def four_sided_field(sides="NESW", w_blob=(3, 3), w_centre=(20, 12)):
     labels = np.zeros((41, 41), np.uint8)
     dr, dc = np.mgrid[-20:21, -20:21]
     labels[dr * dr + dc * dc <= 15 * 15] = STROMA
-    blobs = {"N": (12, 20), "E": (20, 28), "S": (28, 20), "W": (20, 12)}
+    blobs = {"N": (12, 20), "E": (20, 28), "S": (28, 20), "W": w_centre}
     for side in sides:
         r, c = blobs[side]
         h, w = w_blob if side == "W" else (3, 3)
@@ -110,10 +112,18 @@ def test_a_field_with_tumour_on_three_sides_only_is_rejected(missing):
 
 def test_sector_minimum_tumour():
     labels = four_sided_field(w_blob=(1, 1))  # one tumour pixel on the west side
-    # sector of a radius-10 disk: 79 px; 2 % -> at least 2 px
+    # sector of a radius-10 disk beyond radius 5: 62 px; 2 % -> at least 2 px
     assert measure_tsr(labels, mpp=10.0, config=SIDE_CFG, **ROLES).tsr_map[20, 20] == NO_DATA
     loose = TSRConfig(**{**SIDE_CFG.__dict__, "min_sector_tumour_fraction": 0.0})
     assert measure_tsr(labels, mpp=10.0, config=loose, **ROLES).tsr_map[20, 20] != NO_DATA
+
+
+def test_tumour_must_lie_in_the_border_zone_of_each_side():
+    labels = four_sided_field(w_centre=(20, 17))  # west tumour 2-4 px from the centre (r = 10)
+    assert measure_tsr(labels, mpp=10.0, config=SIDE_CFG, **ROLES).tsr_map[20, 20] == NO_DATA
+    whole_sector = TSRConfig(**{**SIDE_CFG.__dict__, "sector_inner_radius_fraction": 0.0})
+    res = measure_tsr(labels, mpp=10.0, config=whole_sector, **ROLES)
+    assert res.tsr_map[20, 20] != NO_DATA
 
 
 def test_fields_not_filled_with_tumour_and_stroma_are_rejected():
@@ -121,7 +131,7 @@ def test_fields_not_filled_with_tumour_and_stroma_are_rejected():
     labels[labels == STROMA] = FAT
     res = measure_tsr(labels, mpp=10.0, config=SIDE_CFG, **ROLES)
     assert res.hotspot is None and res.fields.count == 0 and res.fields.median_pct is None
-    assert "four sectors" in res.hotspot_reason and "50%" in res.hotspot_reason
+    assert "four sides" in res.hotspot_reason and "50%" in res.hotspot_reason
     assert res.whole.tsr_pct == 0.0  # tumour but no stroma: a real 0 %
     assert (res.tsr_map == NO_DATA).all()
 

@@ -10,9 +10,11 @@ Three measurements, all from the classes the model contract names as tumour and 
   does not swallow the healthy tissue inside a C-shaped or crescent tumour.
 * hot-spot TSR: the most stroma-rich circular field (clinical practice: a ~2 mm field with
   tumour on all four sides). A field is eligible when tumour + stroma cover at least
-  ``min_fill_fraction`` of it, each of its four 90-degree sectors (N, E, S, W) holds at
-  least ``min_sector_tumour_fraction`` of the sector in tumour, and (optionally) its centre
-  lies in the bulk.
+  ``min_fill_fraction`` of it, tumour lies on all four sides: each 90-degree sector (N, E,
+  S, W), taken beyond ``sector_inner_radius_fraction`` of the radius (the field's border
+  zone, where clinical scoring looks for tumour cells), holds at least
+  ``min_sector_tumour_fraction`` of its area in tumour; and (optionally) its centre lies in
+  the bulk.
 * the distribution of field TSRs over all eligible centres, and a TSR map: the local TSR of
   the field centred on each pixel of the working grid.
 
@@ -50,6 +52,7 @@ class TSRConfig:
     bulk_margin_um: float = 250.0           # buffer around the tumour, as in published work
     min_fill_fraction: float = 0.5          # tumour + stroma must be most of the field
     min_sector_tumour_fraction: float = 0.02  # per N/E/S/W sector: a few glands, not a speck
+    sector_inner_radius_fraction: float = 0.5  # sectors cover the outer 3/4 of the field area
     require_centre_in_bulk: bool = True
 
     def __post_init__(self) -> None:
@@ -59,7 +62,8 @@ class TSRConfig:
         for name in ("bulk_closing_um", "bulk_margin_um"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TSRConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("min_fill_fraction", "min_sector_tumour_fraction"):
+        for name in ("min_fill_fraction", "min_sector_tumour_fraction",
+                     "sector_inner_radius_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"TSRConfig.{name} must be within 0..1, got {getattr(self, name)}")
 
@@ -143,12 +147,14 @@ def tsr_lut() -> np.ndarray:
     return lut
 
 
-def field_kernels(radius_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """Disk of ``radius_px`` and its four sectors N, E, S, W (centre pixel in none).
+def field_kernels(radius_px: float, inner_fraction: float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Disk of ``radius_px`` and its four sectors N, E, S, W beyond ``inner_fraction * r``.
 
     Returns ``(disk, sectors)``: bool arrays of shape (k, k) and (4, k, k), k = 2*ceil(r)+1.
-    Sectors are 90-degree wedges around the up/right/down/left axes, half-open so that they
-    partition the disk without the centre, and are exact 90-degree rotations of each other.
+    Sectors are 90-degree wedges around the up/right/down/left axes, half-open so that with
+    ``inner_fraction = 0`` they partition the disk without its centre pixel; they are exact
+    90-degree rotations of each other.
     """
     h = int(math.ceil(radius_px))
     dr, dc = np.mgrid[-h:h + 1, -h:h + 1]
@@ -158,7 +164,8 @@ def field_kernels(radius_px: float) -> tuple[np.ndarray, np.ndarray]:
         return (x > 0) & (-x <= y) & (y < x)
 
     x, y = dc, -dr
-    sectors = np.stack([east(y, -x), east(x, y), east(-y, x), east(-x, -y)]) & disk
+    band = disk & (dr * dr + dc * dc >= (inner_fraction * radius_px) ** 2)
+    sectors = np.stack([east(y, -x), east(x, y), east(-y, x), east(-x, -y)]) & band
     return disk, sectors
 
 
@@ -253,7 +260,7 @@ def measure_tsr(labels: np.ndarray, *, mpp: float, tumour_values: Sequence[int],
     closing_px, margin_px = config.bulk_closing_um / grid_mpp, config.bulk_margin_um / grid_mpp
     pad = int(math.ceil(max(2 * radius_px, closing_px + margin_px))) + 2
     rows, cols = np.flatnonzero(tumour.any(axis=1)), np.flatnonzero(tumour.any(axis=0))
-    r0, c0 = max(0, rows[0] - pad), max(0, cols[0] - pad)
+    r0, c0 = max(0, int(rows[0]) - pad), max(0, int(cols[0]) - pad)
     win = (slice(r0, rows[-1] + pad + 1), slice(c0, cols[-1] + pad + 1))
     tumour, stroma = tumour[win], stroma[win]
 
@@ -261,10 +268,9 @@ def measure_tsr(labels: np.ndarray, *, mpp: float, tumour_values: Sequence[int],
     bulk[win] = tumour_bulk(tumour, tissue[win], closing_px=closing_px, margin_px=margin_px)
     whole = tsr_value(int(tumour.sum()), int((stroma & bulk[win]).sum()), px_mm2)
 
-    disk, sectors = field_kernels(radius_px)
-    sector_t = _correlate(tumour, list(sectors))
+    disk, sectors = field_kernels(radius_px, config.sector_inner_radius_fraction)
+    t, *sector_t = _correlate(tumour, [disk, *sectors])
     (s,) = _correlate(stroma, [disk])
-    t = sum(sector_t) + tumour
     n = t + s
     sector_min = max(1, math.ceil(config.min_sector_tumour_fraction * sectors[0].sum() - 1e-9))
     eligible = (n > 0) & (n >= config.min_fill_fraction * disk.sum())
@@ -274,8 +280,9 @@ def measure_tsr(labels: np.ndarray, *, mpp: float, tumour_values: Sequence[int],
         eligible &= bulk[win]
 
     if not eligible.any():
-        hot_reason = (f"no {config.field_diameter_um / 1000:g} mm field has tumour in all four "
-                      f"sectors (>= {config.min_sector_tumour_fraction:.0%} each) and "
+        hot_reason = (f"no {config.field_diameter_um / 1000:g} mm field has tumour on all four "
+                      f"sides (>= {config.min_sector_tumour_fraction:.0%} of each border "
+                      f"sector) and "
                       f">= {config.min_fill_fraction:.0%} tumour + stroma"
                       + (" with its centre in the tumour bulk"
                          if config.require_centre_in_bulk else ""))
@@ -287,7 +294,7 @@ def measure_tsr(labels: np.ndarray, *, mpp: float, tumour_values: Sequence[int],
     best = eligible & (ratio == ratio.max())
     r, c = np.unravel_index(int(np.argmax(np.where(best, n, -1))), n.shape)
     v = tsr_value(int(t[r, c]), int(s[r, c]), px_mm2)
-    r, c = r + r0, c + c0
+    r, c = int(r) + r0, int(c) + c0
     row_um, col_um = (r + 0.5) * grid_mpp, (c + 0.5) * grid_mpp
     hot = Hotspot(**asdict(v), diameter_um=config.field_diameter_um,
                   centre_row_um=row_um, centre_col_um=col_um, centre_row_px=row_um / mpp,
