@@ -43,7 +43,8 @@ class AugmentConfig:
 
 def _warp_pair(image: np.ndarray, labels: np.ndarray, coords: np.ndarray):
     """Resample image (linear, edge values) and labels (nearest, 0 outside) at coords [2,H,W]."""
-    out = warp(image.astype(np.float32), coords, order=1, mode="edge", preserve_range=True)
+    out = np.stack([warp(image[..., c].astype(np.float32), coords, order=1, mode="edge",
+                         preserve_range=True) for c in range(image.shape[2])], axis=-1)
     lab = warp(labels, coords, order=0, mode="constant", cval=0, preserve_range=True)
     return out, lab.astype(labels.dtype)
 

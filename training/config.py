@@ -84,6 +84,8 @@ class TrainSection:
     device: str = "auto"                 # auto | cpu | cuda
     amp: bool = True                     # bfloat16 autocast on CUDA (ignored on CPU)
     export: bool = True                  # export best.pt to model.onnx at the end
+    threads: int = 0                     # CPU threads for torch (0 = torch's default); 1 is
+                                         # fastest when other processes share the cores
 
 
 @dataclass(frozen=True)
@@ -137,8 +139,11 @@ def from_dict(raw: Mapping[str, Any], base_dir: Path) -> Config:
         if table not in raw:
             raise ConfigError(f"the config has no [{table}] table")
     data = dict(raw["data"])
+    raw_sets = data.pop("sets", ())
+    if not isinstance(raw_sets, (list, tuple)) or not all(isinstance(s, Mapping) for s in raw_sets):
+        raise ConfigError("data.sets must be an array of tables: write each set as [[data.sets]]")
     sets = []
-    for i, s in enumerate(data.pop("sets", ())):
+    for i, s in enumerate(raw_sets):
         s = dict(s)
         if "index" in s:
             s["index"] = _resolve(s["index"], base_dir)
@@ -182,18 +187,28 @@ def check(cfg: Config) -> None:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``section.key=value`` (value in TOML syntax; bare words are strings)."""
+    """``section.key=value`` (value in TOML syntax; bare words are strings).
+
+    ``data.sets.key=value`` sets ``key`` in every ``[[data.sets]]``.
+    """
     raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) != 2:
-            raise ConfigError(f"--set {item!r}: write section.key=value, e.g. train.lr=1e-4")
+        if not sep or not (len(parts) == 2 or parts[:2] == ["data", "sets"] and len(parts) == 3):
+            raise ConfigError(f"--set {item!r}: write section.key=value, e.g. train.lr=1e-4, "
+                              "or data.sets.key=value for every set")
         try:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             value = text
-        raw.setdefault(parts[0], {})[parts[1]] = value
+        section = raw.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"--set {item!r}: [{parts[0]}] is not a table")
+        if len(parts) == 3:
+            section["sets"] = [{**s, parts[2]: value} for s in section.get("sets", [])]
+        else:
+            section[parts[1]] = value
     return raw
 
 

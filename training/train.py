@@ -29,7 +29,8 @@ from .unet import UNetConfig, build_model, count_parameters
 
 log = logging.getLogger(__name__)
 FORMAT = "wsiseg-train/1"
-RESUMABLE_KEYS = (("train", "epochs"), ("train", "export"), ("train", "device"))
+RESUMABLE_KEYS = (("train", "epochs"), ("train", "export"), ("train", "device"),
+                  ("train", "threads"))
 
 
 class CheckpointError(ValueError):
@@ -101,8 +102,9 @@ def check_resumable(saved: Config, cfg: Config) -> None:
         arch = [d for d in diff if d.split(".")[1] in ("width", "depth", "norm", "classes")]
         what = "a different architecture" if arch else "different settings"
         raise CheckpointError(f"cannot resume: the run was trained with {what} "
-                              f"({', '.join(arch or diff)} differ); only train.epochs, "
-                              "train.export and train.device may change on --resume")
+                              f"({', '.join(arch or diff)} differ); only "
+                              f"{', '.join(s + '.' + k for s, k in RESUMABLE_KEYS)} may change "
+                              "on --resume")
 
 
 @torch.no_grad()
@@ -127,6 +129,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
     """Train (or resume) a run; returns the final loop state (best Dice, epochs, history)."""
     run_dir = Path(run_dir)
     device = select_device(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     model = make_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
@@ -175,7 +179,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
             seconds = time.perf_counter() - t0
             val = validate(model, val_x, val_y, cfg, device, cfg.train.batch_size)
             state["epoch"] += 1

@@ -1,0 +1,82 @@
+"""Augmentation invariants: labels stay aligned, unannotated stays 0, no new label values."""
+
+import numpy as np
+import pytest
+
+from wsiseg_train.augment import AugmentConfig, augment
+
+OFF = {k: False for k in ("flip", "rot90", "rotate", "elastic", "blur", "gamma", "hsv", "hed",
+                          "contrast")}
+
+
+def _pair(size=48):
+    """Image whose red channel encodes the label: labels 1, 2 where red 250 / 120, 0 elsewhere."""
+    labels = np.zeros((size, size), dtype=np.uint8)
+    labels[5:20, 8:30] = 1
+    labels[25:44, 20:40] = 2
+    image = np.full((size, size, 3), 30, dtype=np.uint8)
+    image[labels == 1, 0] = 250
+    image[labels == 2, 0] = 120
+    return image, labels
+
+
+@pytest.mark.parametrize("switch", ["flip", "rot90"])
+def test_exact_geometry_keeps_labels_aligned(switch):
+    image, labels = _pair()
+    cfg = AugmentConfig(**{**OFF, switch: True})
+    for seed in range(6):
+        img, lab = augment(image, labels, cfg, np.random.default_rng(seed))
+        red = img[..., 0]
+        assert np.array_equal(lab == 1, red == 250) and np.array_equal(lab == 2, red == 120)
+        assert np.bincount(lab.ravel(), minlength=3).tolist() == \
+            np.bincount(labels.ravel(), minlength=3).tolist()
+
+
+@pytest.mark.parametrize("switch", ["rotate", "elastic"])
+def test_warps_keep_labels_aligned_and_outside_becomes_unannotated(switch):
+    image, labels = _pair()
+    labels[labels == 0] = 3           # a fully annotated patch
+    cfg = AugmentConfig(**{**OFF, switch: True}, probability=1.0, rotate_deg=30)
+    img, lab = augment(image, labels, cfg, np.random.default_rng(1))
+    assert set(np.unique(lab)) <= {0, 1, 2, 3}       # nearest neighbour: no new values
+    red = img[..., 0].astype(int)
+    # away from edges (linear image interpolation blurs boundaries) colour and label agree
+    inner1 = (lab == 1) & (np.abs(red - 250) < 60)
+    assert inner1.sum() > 0.7 * (lab == 1).sum()
+    if switch == "rotate":
+        assert lab[0, 0] == 0 and lab[-1, -1] == 0    # corners come from outside the patch
+
+
+def test_unannotated_stays_zero_and_colour_leaves_labels_alone():
+    image, labels = _pair()
+    geometry = AugmentConfig(**{**OFF, "flip": True, "rot90": True, "rotate": True,
+                                "elastic": True}, probability=1.0)
+    for seed in range(4):
+        img, lab = augment(image, labels, geometry, np.random.default_rng(seed))
+        assert img.dtype == np.uint8 and img.shape == image.shape
+        unannotated_colour = img[..., 0] < 40   # only the unannotated region was this dark
+        assert (lab[unannotated_colour] == 0).mean() > 0.99
+        assert set(np.unique(lab)) <= {0, 1, 2}
+    colour_only = AugmentConfig(**{**OFF, "blur": True, "gamma": True, "hsv": True, "hed": True,
+                                   "contrast": True}, probability=1.0)
+    img, lab = augment(image, labels, colour_only, np.random.default_rng(0))
+    assert np.array_equal(lab, labels) and not np.array_equal(img, image)
+
+
+def test_same_generator_state_same_result():
+    image, labels = _pair()
+    a = augment(image, labels, AugmentConfig(), np.random.default_rng(5))
+    b = augment(image, labels, AugmentConfig(), np.random.default_rng(5))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_all_off_is_identity():
+    image, labels = _pair()
+    img, lab = augment(image, labels, AugmentConfig(**OFF), np.random.default_rng(0))
+    assert np.array_equal(img, image) and np.array_equal(lab, labels)
+
+
+def test_size_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="differ in size"):
+        augment(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9), np.uint8), AugmentConfig(),
+                np.random.default_rng(0))

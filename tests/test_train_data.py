@@ -1,0 +1,130 @@
+"""Image/mask pairs, value mappings, class-first sampling and the sparse:dense ratio."""
+
+import numpy as np
+import pytest
+from skimage.io import imsave
+
+from train_helpers import EBHI_INDEX, tiny_config_text, write_pairs
+from wsiseg_train.config import ConfigError, load_config
+from wsiseg_train.data import Item, load_pairs, threshold_mapping, value_mapping
+from wsiseg_train.sampling import Sampler, class_index, extract, sample_center, validation_set
+from wsiseg_train.sets import build_data
+
+
+def test_mappings():
+    mask = np.array([[0, 127, 128, 255]], dtype=np.uint8)
+    assert threshold_mapping(128, 3, 1)(mask, {}).tolist() == [[1, 1, 3, 3]]
+    pick = threshold_mapping(128, lambda row: {"A": 4, "B": 5}[row["class"]])
+    assert pick(mask, {"class": "B"}).tolist() == [[0, 0, 5, 5]]
+    assert value_mapping({0: 2, 255: 1})(mask, {}).tolist() == [[2, 0, 0, 1]]
+
+
+def test_pairs_from_config_split_and_limit(tmp_path):
+    index = write_pairs(tmp_path / "pairs", n_train=4, n_val=2)
+    (tmp_path / "c.toml").write_text(tiny_config_text(index))
+    cfg = load_config(tmp_path / "c.toml")
+    with build_data(cfg) as data:
+        assert len(data.train) == 4 and len(data.val) == 2
+        item = data.train[0]
+        assert item.image.shape == (32, 32, 3) and item.labels.shape == (32, 32)
+        assert set(np.unique(item.labels)) == {1, 2}       # disc = 1, other = 2
+    cfg = load_config(tmp_path / "c.toml", ["data.sets.limit=1"])
+    with build_data(cfg) as data:
+        assert len(data.train) == 1 and len(data.val) == 1
+
+
+def test_image_and_mask_of_different_sizes(tmp_path):
+    imsave(tmp_path / "i.png", np.zeros((20, 30, 3), np.uint8), check_contrast=False)
+    imsave(tmp_path / "m.png", np.zeros((20, 20), np.uint8), check_contrast=False)
+    (tmp_path / "index.csv").write_text("image,label\ni.png,m.png\n")
+    with pytest.raises(ValueError, match="i.png is 30x20 px but its mask m.png is 20x20 px"):
+        load_pairs(tmp_path / "index.csv", threshold_mapping(128, 1))
+
+
+def _item(labels, annotation="dense"):
+    labels = np.asarray(labels, dtype=np.uint8)
+    return Item("x", labels, annotation, image=np.zeros((*labels.shape, 3), np.uint8))
+
+
+def test_class_first_sampling_follows_the_class_weights():
+    labels = np.zeros((100, 100), dtype=np.uint8)
+    labels[:90] = 1            # common class
+    labels[95:, :5] = 2        # rare: 25 pixels
+    index = class_index([_item(labels)], np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    for p, expected in ((np.array([0.5, 0.5]), 0.5), (np.array([0.8, 0.2]), 0.2)):
+        hits = [labels[r, c] for _, r, c in (sample_center(index, p, 0, rng) for _ in range(2000))]
+        assert np.mean(np.array(hits) == 2) == pytest.approx(expected, abs=0.04)
+
+
+def test_jitter_stays_within_bounds_and_items_by_annotated_area():
+    a = np.zeros((50, 50), np.uint8)
+    a[25, 25] = 1
+    b = np.zeros((50, 50), np.uint8)
+    b[:3, :] = 1                # 150 pixels against 1 in a
+    index = class_index([_item(a), _item(b)], np.random.default_rng(0))
+    rng = np.random.default_rng(2)
+    draws = [sample_center(index, np.array([1.0]), 3, rng) for _ in range(1500)]
+    in_a = [(r, c) for i, r, c in draws if i == 0]
+    assert 0 < len(in_a) < 40
+    assert all(abs(r - 25) <= 3 and abs(c - 25) <= 3 for r, c in in_a)
+
+
+def test_sparse_dense_ratio():
+    dense, sparse = _item(np.ones((40, 40))), _item(np.full((40, 40), 2), "sparse")
+    sampler = Sampler([dense, sparse], patch_px=16, jitter_px=0, sparse_dense_ratio=4.0,
+                      class_weights=None, augment_cfg=None, rng=np.random.default_rng(0))
+    kinds = [k for k, *_ in sampler.centers(2000, np.random.default_rng(3))]
+    assert kinds.count("sparse") / len(kinds) == pytest.approx(0.8, abs=0.03)
+    images, labels = sampler.batch(3, np.random.default_rng(0))
+    assert images.shape == (3, 3, 16, 16) and labels.shape == (3, 16, 16)
+
+
+def test_extract_pads_outside_with_unannotated():
+    img, lab = extract(_item(np.ones((10, 10))), 0, 0, 8)
+    assert lab[:4, :4].sum() == 0 and lab[4:, 4:].all()
+    assert (img[:4, :4] == 255).all()
+
+
+def test_validation_set_is_fixed_and_whole_images_when_they_fit():
+    items = [_item(np.ones((12, 12))), _item(np.full((16, 10), 2))]
+    x, y = validation_set(items, patch_px=16, n_patches=5, seed=0)
+    assert x.shape == (2, 3, 16, 16) and (y[0] == 1).sum() == 144 and (y[1] == 2).sum() == 160
+    big = [_item(np.ones((64, 64)))]
+    a = validation_set(big, patch_px=16, n_patches=5, seed=0)
+    b = validation_set(big, patch_px=16, n_patches=5, seed=0)
+    assert a[0].shape[0] == 5 and np.array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="no validation items"):
+        validation_set([], patch_px=16, n_patches=5, seed=0)
+
+
+def test_ebhi_config_loads_real_pairs():
+    if not EBHI_INDEX.is_file():
+        pytest.skip(f"EBHI-Seg subset not found at {EBHI_INDEX} (shared data beside the checkout)")
+    from pathlib import Path
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "ebhi-seg.toml"
+    cfg = load_config(config, ["data.sets.limit=3", f'data.sets.index="{EBHI_INDEX.as_posix()}"'])
+    with build_data(cfg) as data:
+        assert len(data.train) == 3 and len(data.val) == 3
+        values = {int(v) for it in data.train + data.val for v in np.unique(it.labels)}
+        assert values <= {1, 2, 3} and 3 in values    # tumour / healthy glands / other
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("[model\nclasses = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+    index = write_pairs(tmp_path / "p", n_train=1, n_val=1)
+    (tmp_path / "c.toml").write_text(tiny_config_text(index))
+    with pytest.raises(ConfigError, match="unknown key train.learning_rate"):
+        load_config(tmp_path / "c.toml", ["train.learning_rate=1"])
+    with pytest.raises(ConfigError, match="train.lr must be a number"):
+        load_config(tmp_path / "c.toml", ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="'tumor' is used in the config but not listed"):
+        load_config(tmp_path / "c.toml", ['model.tumour_classes=["tumor"]'])
+    with pytest.raises(ConfigError, match="patch_px 30 must be a multiple of 4.*use 32"):
+        load_config(tmp_path / "c.toml", ["data.patch_px=30"])
+    with pytest.raises(ConfigError, match="write section.key=value"):
+        load_config(tmp_path / "c.toml", ["lr=1"])

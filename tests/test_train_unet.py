@@ -1,0 +1,58 @@
+"""The paper's U-Net: shapes, size check, parameter count, He initialisation, uint8 input."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from wsiseg_train.unet import (UNet, UNetConfig, build_model, check_input_size,  # noqa: E402
+                               count_parameters, size_multiple)
+
+
+def test_default_is_the_papers_net():
+    cfg = UNetConfig()
+    assert (cfg.width, cfg.depth, cfg.norm, cfg.n_classes) == (32, 5, "none", 13)
+    net = UNet(cfg)
+    assert count_parameters(net) == 12_821_588  # ~12.8 M as in the design notes
+    assert size_multiple(cfg.depth) == 16
+    assert [b.convs[1][0].out_channels for b in net.down] == [32, 64, 128, 256, 512]
+    # a block's output is its input concatenated to its last feature map
+    assert net.down[0].out_channels == 3 + 32
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "instance", "group"])
+def test_output_shape_and_classes(norm):
+    model = build_model(UNetConfig(n_classes=5, width=4, depth=3, norm=norm)).eval()
+    x = torch.randint(0, 256, (2, 3, 24, 40), dtype=torch.uint8)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, 5, 24, 40) and y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+
+
+def test_size_check_names_the_size_to_pad_to():
+    with pytest.raises(ValueError, match="multiples of 16 .* pad to 112x384 px"):
+        check_input_size(100, 384, 5)
+    model = build_model(UNetConfig(n_classes=2, width=4, depth=3))
+    with pytest.raises(ValueError, match="pad to 28x32 px"):
+        model(torch.zeros(1, 3, 26, 32, dtype=torch.uint8))
+
+
+def test_he_initialisation():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(width=32, depth=3))
+    conv = net.down[2].convs[1][0]          # 128 -> 128, fan_in = 128 * 9
+    fan_in = conv.in_channels * 9
+    assert conv.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.05)
+    assert conv.bias.abs().sum().item() == 0
+
+
+def test_uint8_and_float_inputs_agree():
+    model = build_model(UNetConfig(n_classes=3, width=4, depth=2)).eval()
+    x = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model(x.float()))
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        UNetConfig(norm="layer")
