@@ -118,3 +118,23 @@ def test_to_dict_is_json_and_csv_row_matches_header():
     assert buf.getvalue().splitlines()[1].startswith("slide-1,50,")
     assert len(csv_row("s", s, with_tsr=False)) == len(csv_header(contract.class_names,
                                                                   with_tsr=False))
+
+
+def test_csv_row_carries_the_tsr_numbers_and_reasons():
+    from wsiseg.tsr import TSRConfig, measure_tsr
+    labels = np.zeros((40, 40), np.uint8)
+    labels[5:35, 5:35] = 2
+    labels[10:30, 10:30] = 1
+    labels[18:22, 18:22] = 2
+    s = class_stats(labels, mpp=10.0, class_names=NAMES, background_values=[3])
+    cfg = TSRConfig(grid_um=10, field_diameter_um=100, bulk_closing_um=0, bulk_margin_um=0)
+    res = measure_tsr(labels, mpp=10.0, tumour_values=[1], stroma_values=[2], config=cfg)
+    record = dict(zip(csv_header(NAMES), csv_row("s", s, res)))
+    assert record["tsr_whole_pct"] == "4.0"  # 16 stroma / (384 tumour + 16) in the bulk
+    assert float(record["tsr_hotspot_pct"]) == pytest.approx(res.hotspot.tsr_pct, abs=0.05)
+    assert record["tsr_category"] == res.hotspot.category and record["tsr_reason"] == ""
+    assert int(record["tsr_fields"]) == res.fields.count > 0
+    none = measure_tsr(labels, mpp=10.0, tumour_values=[], stroma_values=[2], config=cfg)
+    record = dict(zip(csv_header(NAMES), csv_row("s", s, none)))
+    assert record["tsr_whole_pct"] == "" and record["tsr_fields"] == "0"
+    assert record["tsr_reason"] == "the model names no tumour class"  # said once
