@@ -14,8 +14,8 @@ rule (counter-clockwise exteriors with y up; on screen, where y points down, the
 clockwise). QuPath accepts either orientation.
 
 Contours follow pixel edges at half-pixel precision (marching squares at level 0.5) and are
-simplified with Douglas-Peucker (``tolerance_um``); simplification can, rarely, make a ring
-touch itself, which QuPath repairs on import.
+simplified with Douglas-Peucker (``tolerance_um``). Simplification can, rarely, make a ring
+touch itself; that is not checked here.
 """
 
 from __future__ import annotations

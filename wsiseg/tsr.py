@@ -281,9 +281,8 @@ def measure_tsr(labels: np.ndarray, *, mpp: float, tumour_values: Sequence[int],
 
     if not eligible.any():
         hot_reason = (f"no {config.field_diameter_um / 1000:g} mm field has tumour on all four "
-                      f"sides (>= {config.min_sector_tumour_fraction:.0%} of each border "
-                      f"sector) and "
-                      f">= {config.min_fill_fraction:.0%} tumour + stroma"
+                      f"sides (>= {config.min_sector_tumour_fraction:.0%} of each border sector)"
+                      f" and >= {config.min_fill_fraction:.0%} tumour + stroma"
                       + (" with its centre in the tumour bulk"
                          if config.require_centre_in_bulk else ""))
         return result(bulk, whole, None, hot_reason, FieldDistribution(0, 0.0, None, None, None))
