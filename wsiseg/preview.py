@@ -138,7 +138,8 @@ def _circle(draw: ImageDraw.ImageDraw, circle: tuple[float, float, float]) -> No
 def make_preview(thumbnail_rgb: np.ndarray, labels: np.ndarray, *,
                  colors: Sequence[Sequence[int]], names: Sequence[str],
                  path: str | os.PathLike[str] | None = None, alpha: float = 0.4,
-                 skip_values: Sequence[int] = (), hotspot_px: tuple[float, float, float] | None = None,
+                 skip_values: Sequence[int] = (),
+                 hotspot_px: tuple[float, float, float] | None = None,
                  text_lines: Sequence[str] = (), tsr_map: np.ndarray | None = None,
                  lut: np.ndarray | None = None, legend_width_px: int = 280,
                  font_size_px: int = 14) -> np.ndarray:
