@@ -138,3 +138,18 @@ def test_csv_row_carries_the_tsr_numbers_and_reasons():
     record = dict(zip(csv_header(NAMES), csv_row("s", s, none)))
     assert record["tsr_whole_pct"] == "" and record["tsr_fields"] == "0"
     assert record["tsr_reason"] == "the model names no tumour class"  # said once
+
+
+def test_stats_from_counts_match_stats_from_the_map():
+    from wsiseg.stats import class_stats_from_counts
+    labels = small_map()
+    labels[0, 0] = 7  # a value beyond the classes
+    direct = class_stats(labels, mpp=2.0, class_names=NAMES, background_values=[3])
+    counts = np.bincount(labels.ravel(), minlength=8)[:4]
+    via = class_stats_from_counts(counts, mpp=2.0, class_names=NAMES, shape_px=labels.shape,
+                                  background_values=[3])
+    assert via == direct and via.unknown_pixels == 1
+    with pytest.raises(ValueError, match="values 0..3"):
+        class_stats_from_counts(counts[:3], mpp=2.0, class_names=NAMES, shape_px=(10, 20))
+    with pytest.raises(ValueError, match="more than"):
+        class_stats_from_counts(counts, mpp=2.0, class_names=NAMES, shape_px=(2, 2))

@@ -107,17 +107,33 @@ def class_stats(labels: np.ndarray, *, mpp: float, class_names: Sequence[str],
     ``pixels * mpp**2 / 1e6``. Tissue is every analysed pixel (value > 0) whose value is not
     in ``background_values``; background classes get a fraction of None.
     """
-    mpp = check_mpp(mpp)
     labels = check_labels(labels)
+    counts = count_values(labels, len(class_names) + 1)
+    return class_stats_from_counts(counts, mpp=mpp, class_names=class_names,
+                                   background_values=background_values,
+                                   shape_px=(int(labels.shape[0]), int(labels.shape[1])))
+
+
+def class_stats_from_counts(counts: Sequence[int], *, mpp: float, class_names: Sequence[str],
+                            shape_px: tuple[int, int],
+                            background_values: Sequence[int] = ()) -> ClassStats:
+    """:func:`class_stats` from pixel counts of values 0..len(class_names) of a map of
+    ``shape_px`` (e.g. counted tile by tile from the full-resolution map file)."""
+    mpp = check_mpp(mpp)
     n = len(class_names)
     if n < 1:
-        raise ValueError("class_stats needs at least one class name")
+        raise ValueError("class statistics need at least one class name")
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.shape != (n + 1,):
+        raise ValueError(f"expected counts of the {n + 1} values 0..{n}, got {counts.shape}")
     background = tuple(int(v) for v in background_values)
     for v in background:
         if not 1 <= v <= n:
             raise ValueError(f"background value {v} is not a class value 1..{n}")
-    counts = count_values(labels, n + 1)
-    unknown = int(labels.size - counts.sum())
+    unknown = int(shape_px[0]) * int(shape_px[1]) - int(counts.sum())
+    if unknown < 0:
+        raise ValueError(f"counts add up to {int(counts.sum())} pixels, more than a "
+                         f"{shape_px[0]} x {shape_px[1]} map holds")
     px_mm2 = mpp * mpp / 1e6
     analysed_px = int(counts[1:].sum())
     tissue_px = analysed_px - int(sum(counts[v] for v in set(background)))
@@ -127,7 +143,7 @@ def class_stats(labels: np.ndarray, *, mpp: float, class_names: Sequence[str],
                   fraction_of_tissue=(None if (k + 1) in background or tissue_px == 0
                                       else float(counts[k + 1]) / tissue_px))
         for k, name in enumerate(class_names))
-    return ClassStats(mpp=mpp, shape_px=(int(labels.shape[0]), int(labels.shape[1])),
+    return ClassStats(mpp=mpp, shape_px=(int(shape_px[0]), int(shape_px[1])),
                       analysed_mm2=analysed_px * px_mm2, tissue_mm2=tissue_px * px_mm2,
                       background_values=background, classes=classes, unknown_pixels=unknown)
 
