@@ -33,7 +33,13 @@ def evaluate_onnx(model_path: str | Path, items: list[Item], class_names: list[s
     if any(it.image is None for it in items):
         raise ValueError("evaluate scores image/mask pairs; for slides, segment them with "
                          "`wsiseg segment` and compare the label maps")
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+    try:
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail,
+            ort_errors.NoSuchFile) as e:
+        raise ValueError(f"cannot load ONNX model {model_path}: {str(e).splitlines()[0]}") from None
     contract = from_metadata(session.get_modelmeta().custom_metadata_map)
     # model output channel k -> reference label value (0 where the reference lacks the class)
     to_ref = np.array([class_names.index(n) + 1 if n in class_names else 0

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} not found; give a run folder or a .pt file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a wsiseg-train checkpoint")

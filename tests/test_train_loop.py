@@ -1,0 +1,115 @@
+"""The training loop on tiny synthetic pairs: outputs, resume, checkpoints and CLI errors."""
+
+import dataclasses
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+from train_helpers import tiny_config_text, write_pairs  # noqa: E402
+from wsiseg_train.cli import main  # noqa: E402
+from wsiseg_train.config import load_config  # noqa: E402
+from wsiseg_train.config import config_from_saved  # noqa: E402
+from wsiseg_train.train import (CheckpointError, load_checkpoint, load_weights,  # noqa: E402
+                                make_model, train)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loop")
+    index = write_pairs(folder / "pairs", n_train=4, n_val=2)
+    path = folder / "tiny.toml"
+    path.write_text(tiny_config_text(index))
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(config, tmp_path_factory):
+    run = tmp_path_factory.mktemp("full")
+    state = train(load_config(config), run)
+    return run, state
+
+
+def test_run_writes_checkpoints_metrics_and_plot(full_run):
+    run, state = full_run
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    for name in ("best.pt", "last.pt", "metrics.csv", "metrics.json", "plot.png"):
+        assert (run / name).is_file(), name
+    rows = json.loads((run / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["iterations"] == 6
+    assert {"train_loss", "val_loss", "val_dice", "dice_disc", "dice_other", "lr"} <= set(rows[0])
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("epoch,iterations,lr,train_loss,val_loss,val_dice,dice_disc")
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["config"]["model"]["width"] == 4 and ckpt["state"]["epoch"] == 2
+    assert (run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_gives_the_same_state_as_not_stopping(config, full_run, tmp_path):
+    run, _ = full_run
+    train(load_config(config, ["train.epochs=1"]), tmp_path)
+    train(load_config(config), tmp_path, resume=True)
+    a, b = load_checkpoint(run / "last.pt"), load_checkpoint(tmp_path / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["state"]["history"][-1]["train_loss"] == b["state"]["history"][-1]["train_loss"]
+    assert a["rng"]["numpy"] == b["rng"]["numpy"]
+
+
+def test_seeded_runs_are_identical_and_seeds_matter(config, full_run, tmp_path):
+    run, _ = full_run
+    train(load_config(config, ["train.epochs=1"]), tmp_path / "a")
+    train(load_config(config, ["train.epochs=1", "train.seed=8"]), tmp_path / "b")
+    ref = load_checkpoint(run / "last.pt")["state"]["history"][0]["train_loss"]
+    same = load_checkpoint(tmp_path / "a" / "last.pt")["state"]["history"][0]["train_loss"]
+    other = load_checkpoint(tmp_path / "b" / "last.pt")["state"]["history"][0]["train_loss"]
+    assert same == ref and other != ref
+
+
+def test_resume_with_a_different_architecture_is_refused(config, full_run):
+    run, _ = full_run
+    with pytest.raises(CheckpointError, match="different architecture.*model.width"):
+        train(load_config(config, ["model.width=8", "train.epochs=3"]), run, resume=True)
+
+
+def test_starting_over_an_existing_run_is_refused(config, full_run):
+    with pytest.raises(CheckpointError, match="already holds a run; use --resume"):
+        train(load_config(config), full_run[0])
+
+
+def _cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_cli_errors_are_one_line(config, full_run, tmp_path):
+    run, _ = full_run
+    code, out = _cli("train", tmp_path / "nope.toml")
+    assert code == 2 and "error: config file" in out and "Traceback" not in out
+    (tmp_path / "corrupt.toml").write_text("[model]\nclasses = [")
+    code, out = _cli("train", tmp_path / "corrupt.toml")
+    assert code == 2 and "not valid TOML" in out
+    code, out = _cli("export", tmp_path / "no-run", "-o", tmp_path / "m.onnx")
+    assert code == 2 and "checkpoint" in out and "not found" in out
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    code, out = _cli("export", tmp_path / "junk.pt", "-o", tmp_path / "m.onnx")
+    assert code == 2 and "cannot read checkpoint" in out
+    code, out = _cli("train", config, "-o", run, "--resume", "--set", "model.depth=4",
+                     "--set", "data.patch_px=32")
+    assert code == 2 and "different architecture" in out and len(out.strip().splitlines()) == 1
+    code, out = _cli("evaluate", tmp_path / "missing.onnx", config)
+    assert code == 2 and "not found" in out
+    (tmp_path / "bad.onnx").write_bytes(b"garbage")
+    code, out = _cli("evaluate", tmp_path / "bad.onnx", config)
+    assert code == 2 and "cannot load ONNX model" in out and "Traceback" not in out
+
+
+def test_checkpoint_of_a_different_architecture(full_run):
+    ckpt = load_checkpoint(full_run[0] / "best.pt")
+    saved = config_from_saved(ckpt["config"])
+    wider = dataclasses.replace(saved, model=dataclasses.replace(saved.model, width=6))
+    with pytest.raises(CheckpointError, match="do not fit a U-Net of width 6"):
+        load_weights(make_model(wider), ckpt["model"], wider)
