@@ -54,7 +54,7 @@ class SetSection:
     background: str = ""                 # threshold: class below threshold ("" = unannotated)
     values: Mapping[str, str] = field(default_factory=dict)  # mask/raster value -> class
     image_mpp: float = 0.0               # pairs: mpp of the images (0 = the model's mpp)
-    limit: int = 0                       # pairs: use only the first N of each split (0 = all)
+    limit: int = 0                       # pairs: N evenly spaced rows of each split (0 = all)
     # slides: [{slide=..., labels=... | annotations=..., split=..., slide_mpp=?, labels_mpp=?}]
     items: tuple[Mapping[str, Any], ...] = ()
     class_map: Mapping[str, str] = field(default_factory=dict)  # annotation class -> class

@@ -94,7 +94,8 @@ def load_pair(image_path: Path, mask_path: Path, mapping: Mapping_, row: Mapping
         raise ValueError(f"image {image_path.name} is {image.shape[1]}x{image.shape[0]} px but "
                          f"its mask {mask_path.name} is {mask.shape[1]}x{mask.shape[0]} px; "
                          "image and mask must have the same size")
-    labels = mapping(mask, row)
+    # a mapping with needs_image = True also sees the image (e.g. training/ebhi.py)
+    labels = mapping(mask, row, image) if getattr(mapping, "needs_image", False) else mapping(mask, row)
     if scale != 1.0:
         image = (rescale(image, scale, order=1, channel_axis=-1, preserve_range=True,
                          anti_aliasing=scale < 1) + 0.5).astype(np.uint8)
@@ -107,11 +108,13 @@ def load_pairs(index: str | Path, mapping: Mapping_, *, split: str | None = None
                split_column: str = "split", image_column: str = "image",
                mask_column: str = "label", limit: int = 0, scale: float = 1.0,
                annotation: str = "dense") -> list[Item]:
-    """Items from a CSV of image/mask paths (relative to the CSV); ``split`` filters rows."""
+    """Items from a CSV of image/mask paths (relative to the CSV); ``split`` filters rows and
+    ``limit`` keeps that many evenly spaced rows."""
     rows = read_pairs_csv(index, image_column=image_column, mask_column=mask_column)
     if split is not None and split_column:
         rows = [r for r in rows if r.get(split_column) == split]
-    rows = rows[:limit] if limit else rows
+    if limit and len(rows) > limit:  # an evenly spaced subset keeps the mix of the full list
+        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, limit).round().astype(int)]
     base = Path(index).parent
     return [load_pair(base / r[image_column], base / r[mask_column], mapping, r,
                       scale=scale, annotation=annotation) for r in rows]
