@@ -47,10 +47,10 @@ def test_hotspot_circle_and_heat_map_panel(tmp_path):
                        hotspot_px=(120.0, 200.0, 30.0), tsr_map=tsr_map, lut=lut)
     assert img.shape == (200, 2 * 300 + 2 * GAP_PX + 280, 3)
     heat = img[:, 300 + GAP_PX:600 + GAP_PX]
-    base = 128 + 100 / 2  # grey of the lightened thumbnail
+    base = 127 + 100 / 2  # grey of the lightened thumbnail
     expected = np.rint((1 - HEAT_ALPHA) * base + HEAT_ALPHA * lut[70].astype(float))
     assert heat[60, 120].tolist() == expected.astype(np.uint8).tolist()
-    assert heat[150, 20].tolist() == [178, 178, 178]  # no data: grey only
+    assert heat[150, 20].tolist() == [177, 177, 177]  # no data: grey only
     for panel in (img[:, :300], heat):
         ring = panel[120, 200 + 26:200 + 31]            # right edge of the circle
         assert has_color(ring[None], (0, 0, 0)) and has_color(ring[None], (255, 255, 255))
@@ -92,3 +92,11 @@ def test_bad_input_is_refused():
         make_preview(thumb, labels, colors=COLORS[:2], names=NAMES)
     with pytest.raises(ValueError, match="both"):
         make_preview(thumb, labels, colors=COLORS, names=NAMES, tsr_map=labels)
+
+
+def test_heat_map_keeps_white_light():
+    """A white thumbnail must stay light grey under the heat-map (no uint8 wrap-around)."""
+    from wsiseg.preview import heat_map
+    white = np.full((4, 4, 3), 255, np.uint8)
+    out = heat_map(white, np.full((2, 2), NO_DATA, np.uint8), tsr_lut())
+    assert out.min() >= 250

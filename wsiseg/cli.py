@@ -36,11 +36,13 @@ def default_model() -> Path:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .analysis import MapError
+    from .batch import BatchInputError
     from .contract import ContractError
     from .engine import ModelError
     from .pipeline import OutputError
     from .slide import SlideError
-    return (SlideError, ModelError, ContractError, OutputError, FileNotFoundError,
+    return (SlideError, ModelError, ContractError, OutputError, MapError, BatchInputError, FileNotFoundError,
             PermissionError, IsADirectoryError)
 
 
@@ -99,10 +101,37 @@ def info(slide: Path, mpp: float | None, model: Path | None, as_json: bool) -> N
                f"{p['out_shape'][1]} x {p['out_shape'][0]} px map (mpp {p['mpp']:.4g})")
 
 
+def _analysis_options(no_tsr: bool, no_geojson: bool, no_preview: bool, no_csv: bool,
+                      tsr_field_um: float, tsr_margin_um: float):
+    from .analysis import AnalysisOptions
+    from .tsr import TSRConfig
+    return AnalysisOptions(tsr=not no_tsr, geojson=not no_geojson, preview=not no_preview,
+                           csv=not no_csv, tsr_config=TSRConfig(field_diameter_um=tsr_field_um,
+                                                                bulk_margin_um=tsr_margin_um))
+
+
+def analysis_flags(f):
+    """Options shared by ``segment`` and ``report``."""
+    for opt in reversed([
+        click.option("--no-tsr", is_flag=True, help="Skip the TSR numbers and the TSR map."),
+        click.option("--no-geojson", is_flag=True, help="Skip the QuPath GeoJSON."),
+        click.option("--no-preview", is_flag=True, help="Skip the preview PNG."),
+        click.option("--no-csv", is_flag=True, help="Skip the one-row CSV."),
+        click.option("--tsr-field-um", type=float, default=2200.0, show_default=True,
+                     help="Diameter of the circular TSR field."),
+        click.option("--tsr-margin-um", type=float, default=250.0, show_default=True,
+                     help="Margin added around the tumour bulk for whole-tumour TSR."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @main.command()
-@click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Label map TIFF to write.")
+              help="Label map TIFF to write; a folder when several slides are given.")
+@click.option("--list", "list_file", type=click.Path(path_type=Path),
+              help="File listing slides, one path per line (batch mode).")
 @click.option("--model", type=click.Path(path_type=Path),
               help=f"ONNX model with a wsiseg contract (default: ${DEFAULT_MODEL_ENV} or the shipped model).")
 @click.option("--mpp", type=float, help="Slide level-0 microns per pixel, overriding the slide's.")
@@ -116,43 +145,142 @@ def info(slide: Path, mpp: float | None, model: Path | None, as_json: bool) -> N
               help="Ignore tissue pieces smaller than this.")
 @click.option("--probabilities", is_flag=True, help="Also write MAP.prob.tif (class scores x255).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
-              help="Report JSON path (default: MAP.json).")
+              help="Report JSON path (default: MAP.json; one slide only).")
+@analysis_flags
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.pass_context
-def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, model: Path | None,
-            mpp: float | None, device: str, tile_px: int | None, batch_size: int | None,
-            workers: int, no_tissue_mask: bool, min_tissue_um2: float, probabilities: bool,
-            report_path: Path | None, overwrite: bool) -> None:
-    """Segment SLIDES into a pyramidal class-map TIFF plus a JSON report."""
+def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_file: Path | None,
+            model: Path | None, mpp: float | None, device: str, tile_px: int | None,
+            batch_size: int | None, workers: int, no_tissue_mask: bool, min_tissue_um2: float,
+            probabilities: bool, report_path: Path | None, no_tsr: bool, no_geojson: bool,
+            no_preview: bool, no_csv: bool, tsr_field_um: float, tsr_margin_um: float,
+            overwrite: bool) -> None:
+    """Segment SLIDES into pyramidal class-map TIFFs with reports, TSR, GeoJSON and previews.
+
+    One slide: -o is the map file. Several slides, folders, glob patterns or --list: -o is
+    an output folder; slides already done there are skipped, each slide is locked while it
+    runs, a failing slide does not stop the others, and OUT/status.tsv lists what happened."""
     from .engine import load_model
-    from .pipeline import SegmentOptions, segment_slide
+    from .pipeline import SegmentOptions
     from .tissue import TissueParams
-    if len(slides) > 1:
-        raise click.UsageError("several slides need an output folder; batch mode is not "
-                               "available yet, run one slide per command")
-    if batch_size is not None and batch_size < 1 or workers < 1:
+    if not slides and list_file is None:
+        raise click.UsageError("give at least one slide (or --list FILE)")
+    if (batch_size is not None and batch_size < 1) or workers < 1:
         raise click.BadParameter("--batch-size and --workers must be at least 1")
     options = SegmentOptions(
         tile_px=tile_px, batch_size=batch_size, workers=workers, device=device, mpp=mpp,
         tissue=None if no_tissue_mask else TissueParams(min_tissue_um2=min_tissue_um2),
         probabilities=probabilities)
+    analysis = _analysis_options(no_tsr, no_geojson, no_preview, no_csv, tsr_field_um,
+                                 tsr_margin_um)
+    batch = (len(slides) != 1 or list_file is not None or slides[0].is_dir()
+             or any(ch in str(slides[0]) for ch in "*?[") or output.is_dir())
+    if batch and report_path is not None:
+        raise click.UsageError("--report names one file; in batch mode reports go to the output folder")
     loaded = load_model(model or default_model(), device=device)
+    run = _segment_batch if batch else _segment_one
+    run(ctx, slides=slides, list_file=list_file, output=output, model=loaded, options=options,
+        analysis=analysis, report_path=report_path, overwrite=overwrite)
+
+
+def _segment_one(ctx: click.Context, *, slides, output, model, options, analysis, report_path,
+                 overwrite, list_file) -> None:
+    from .pipeline import segment_slide
     quiet = ctx.obj["quiet"]
-    bar: list = []
-
-    def on_start(n: int) -> None:
-        if not quiet:
-            bar.append(click.progressbar(length=n, label=slides[0].name, file=sys.stderr))
-            bar[0].__enter__()
-
-    try:
-        report = segment_slide(slides[0], output, model=loaded, options=options,
-                               report_path=report_path, overwrite=overwrite, on_start=on_start,
-                               progress=(lambda n: bar[0].update(n)) if not quiet else None)
-    finally:
-        if bar:
-            bar[0].__exit__(None, None, None)
+    with _progress(quiet, slides[0].name) as (on_start, progress):
+        report = segment_slide(slides[0], output, model=model, options=options,
+                               analysis=analysis, report_path=report_path, overwrite=overwrite,
+                               on_start=on_start, progress=progress)
     if not quiet:
-        t = report["timing"]
-        click.echo(f"wrote {output} ({report['map']['shape'][1]} x {report['map']['shape'][0]} px "
-                   f"at {report['map']['mpp']:.3g} um/px) in {t['total_s']:.1f} s", err=True)
+        click.echo(_summary(output, report), err=True)
+
+
+def _segment_batch(ctx: click.Context, *, slides, output, model, options, analysis,
+                   report_path, overwrite, list_file) -> None:
+    from .analysis import OUTPUT_SUFFIXES
+    from .batch import FAILED, expand_slides, run_batch
+    from .pipeline import segment_slide
+    quiet = ctx.obj["quiet"]
+    paths = expand_slides(list(slides), list_file=list_file)
+    output.mkdir(parents=True, exist_ok=True)
+
+    def process(slide: Path, outs: dict[str, Path]) -> None:
+        with _progress(quiet, slide.name) as (on_start, progress):
+            segment_slide(slide, outs["map"], model=model, options=options, analysis=analysis,
+                          report_path=outs["report"], overwrite=True, on_start=on_start,
+                          progress=progress, outputs={k: outs[k] for k in OUTPUT_SUFFIXES})
+
+    statuses = run_batch(paths, output, process=process, overwrite=overwrite)
+    counts = {k: sum(s.status == k for s in statuses) for k in ("ok", "skipped", FAILED)}
+    if not quiet:
+        click.echo(f"{len(statuses)} slides: {counts['ok']} ok, {counts['skipped']} skipped, "
+                   f"{counts[FAILED]} failed; see {output / 'status.tsv'}", err=True)
+    for s in statuses:
+        if s.status == FAILED:
+            click.echo(f"wsiseg: failed: {s.slide}: {s.reason}", err=True)
+    if counts[FAILED]:
+        ctx.exit(1)
+
+
+class _progress:
+    """Progress bar on stderr, sized once the engine knows the tile count."""
+
+    def __init__(self, quiet: bool, label: str) -> None:
+        self.quiet, self.label, self.bar = quiet, label, None
+
+    def __enter__(self):
+        def on_start(n: int) -> None:
+            if not self.quiet:
+                self.bar = click.progressbar(length=n, label=self.label, file=sys.stderr)
+                self.bar.__enter__()
+
+        def progress(n: int) -> None:
+            if self.bar is not None:
+                self.bar.update(n)
+        return on_start, progress
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _summary(output: Path, report: dict) -> str:
+    lines = [f"wrote {output} ({report['map']['shape'][1]} x {report['map']['shape'][0]} px at "
+             f"{report['map']['mpp']:.3g} um/px) in {report['timing']['total_s']:.1f} s"]
+    tsr = report.get("tsr")
+    if tsr:
+        hot = tsr.get("hotspot")
+        lines.append(f"TSR hot spot: {hot['tsr_pct']:.0f}% ({hot['category']})" if hot
+                     else f"TSR hot spot: none ({tsr.get('hotspot_reason')})")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("map_path", metavar="MAP", type=click.Path(path_type=Path))
+@click.option("--slide", type=click.Path(path_type=Path),
+              help="The slide the map was made from (for the preview's background).")
+@click.option("--mpp", type=float, help="Slide level-0 microns per pixel, overriding the slide's.")
+@analysis_flags
+@click.option("--overwrite", is_flag=True, help="Replace existing analysis outputs.")
+def report(map_path: Path, slide: Path | None, mpp: float | None, no_tsr: bool, no_geojson: bool,
+           no_preview: bool, no_csv: bool, tsr_field_um: float, tsr_margin_um: float,
+           overwrite: bool) -> None:
+    """Measure an existing class MAP (no inference): class areas, TSR, TSR map, GeoJSON,
+    preview and CSV beside the map; the measurements as JSON on stdout."""
+    from .analysis import analyse_map, outputs_beside
+    from .pipeline import check_output
+    if not map_path.is_file():
+        raise FileNotFoundError(f"map not found: {map_path}")
+    options = _analysis_options(no_tsr, no_geojson, no_preview, no_csv, tsr_field_um,
+                                tsr_margin_um)
+    outputs = outputs_beside(map_path)
+    for path in options.wanted(outputs):
+        check_output(path, overwrite=overwrite)
+    thumbnail = None
+    if slide is not None:
+        from .slide import Slide
+        with Slide(slide, mpp=mpp) as s:
+            rgb, _, thumb_mpp = s.thumbnail(8.0)
+        thumbnail = (rgb, thumb_mpp)
+    section = analyse_map(map_path, options=options, thumbnail=thumbnail, outputs=outputs)
+    click.echo(json.dumps(section, indent=2))

@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 from skimage.measure import find_contours, label, regionprops
 
-from wsiseg.stats import check_labels, check_mpp
+from .files import write_text_atomic
+from .stats import check_labels, check_mpp
 
 Ring = list[list[float]]
 _PIECE = 200  # points per independently simplified piece of a long contour
@@ -189,12 +189,4 @@ def feature_collection(features: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def write_geojson(path: str | os.PathLike[str], features: Sequence[dict[str, Any]]) -> None:
     """Write a FeatureCollection; the file appears complete or not at all."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(feature_collection(features), f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(feature_collection(features), separators=(",", ":")))

@@ -24,7 +24,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import __version__
+from .analysis import AnalysisOptions, analyse_map, outputs_beside
 from .canvas import DiskCanvas, DiskStack
+from .contract import to_metadata
+from .files import write_text_atomic
 from .engine import Model, check_tile_px, load_model
 from .slide import ReadPlan, Slide
 from .tiling import Tile, computed_px_ratio, tile_grid, tiles_on_mask
@@ -78,15 +81,6 @@ def check_output(path: Path, *, overwrite: bool) -> None:
     except OSError as e:
         raise OutputError(f"output folder {folder} is not writable ({e.strerror}); "
                           "choose another -o") from None
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_ahead(slide: Slide, plan: ReadPlan, tiles: list[Tile], tile_px: int, workers: int
@@ -164,17 +158,23 @@ def class_counts(canvas: DiskCanvas, n_values: int, chunk_px: int = 1 << 20) -> 
 
 def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model | str | Path,
                   options: SegmentOptions = SegmentOptions(), report_path: str | Path | None = None,
-                  overwrite: bool = False, on_start: Callable[[int], None] | None = None,
+                  analysis: AnalysisOptions | None = AnalysisOptions(),
+                  outputs: dict[str, Path] | None = None, overwrite: bool = False, on_start: Callable[[int], None] | None = None,
                   progress: Callable[[int], None] | None = None) -> dict:
     """Segment one slide into a pyramidal label TIFF at ``out_path`` and a JSON report.
 
+    Unless ``analysis`` is None, the class statistics, TSR, TSR map, GeoJSON and preview are
+    made from the written map (``wsiseg.analysis``), at ``outputs`` (default: beside the map).
     ``on_start(n_tiles)`` is called once the tile count is known, ``progress(n)`` after each
-    batch. Returns the report (also written to ``report_path``, default ``MAP.json``)."""
+    batch. Returns the report (also written to ``report_path``, default ``MAP.json``), which is
+    written last: its presence means the outputs are complete."""
     t_start = time.perf_counter()
     out_path = Path(out_path)
     report_path = Path(report_path) if report_path else default_report_path(out_path)
-    check_output(out_path, overwrite=overwrite)
-    check_output(report_path, overwrite=overwrite)
+    outputs = outputs or outputs_beside(out_path)
+    extra = [out_path.with_suffix(".prob.tif")] if options.probabilities else []
+    for p in [out_path, report_path, *extra, *(analysis.wanted(outputs) if analysis else [])]:
+        check_output(p, overwrite=overwrite)
     if isinstance(model, (str, Path)):
         model = load_model(model, device=options.device)
     c = model.contract
@@ -210,7 +210,7 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
             counts = class_counts(canvas, c.n_classes + 1)
             description = {"wsiseg": __version__, "kind": "class map", "mpp": plan.mpp,
                            "slide": Path(slide_path).name, "slide_mpp": slide.info.mpp,
-                           "legend": c.legend(), "contract": c.to_dict()}
+                           "legend": c.legend(), "contract": to_metadata(c)}
             colormap = [(0, 0, 0)] + [k.color for k in c.classes]
             t0 = time.perf_counter()
             levels = write_pyramid(out_path, canvas, mpp=plan.mpp, colormap=colormap,
@@ -220,6 +220,10 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
                             names=c.class_names,
                             description={**description, "kind": "class probabilities x255"})
             timing["write_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    section = analyse_map(out_path, options=analysis, thumbnail=(thumb, thumb_mpp),
+                          outputs=outputs, counts=counts) if analysis else {}
+    timing["analysis_s"] = time.perf_counter() - t0
 
     out_px = plan.out_shape[0] * plan.out_shape[1]
     px_mm2 = plan.mpp * plan.mpp / 1e6
@@ -241,10 +245,11 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
         "class_area_mm2": {name: float(counts[i + 1]) * px_mm2
                            for i, name in enumerate(c.class_names)},
         "not_analysed_mm2": float(counts[0]) * px_mm2,
+        **section,
         "timing": timing,
         "software": software_versions(),
     }
-    write_json_atomic(report_path, report)
+    write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -43,7 +43,7 @@ def heat_map(rgb: np.ndarray, tsr_map: np.ndarray, lut: np.ndarray, *,
              no_data: int = 255) -> np.ndarray:
     """TSR colours over a grey, lightened copy of the thumbnail; no-data pixels stay grey."""
     grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    base = np.repeat((128 + grey / 2)[..., None], 3, axis=2)
+    base = np.repeat((127 + grey / 2)[..., None], 3, axis=2)  # at most 254.5: no wrap-around
     tsr = resize_nearest(tsr_map, rgb.shape[:2])
     data = tsr != no_data
     base[data] = (1 - HEAT_ALPHA) * base[data] + HEAT_ALPHA * lut[tsr[data]].astype(np.float32)
