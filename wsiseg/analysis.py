@@ -78,10 +78,14 @@ class MapInfo:
     def level_mpp(self, level: int) -> float:
         return self.mpp * self.shapes[0][1] / self.shapes[level][1]
 
-    def coarsest_level_within(self, um: float) -> int:
-        """The coarsest level whose pixels are at most ``um`` microns (level 0 at least)."""
+    def coarsest_level_within(self, um: float, *, max_px: float = 16e6) -> int:
+        """The coarsest level whose pixels are at most ``um`` microns (level 0 at least), or a
+        coarser one if that level holds more than ``max_px`` pixels (memory stays bounded)."""
         ok = [k for k in range(len(self.shapes)) if self.level_mpp(k) <= um * (1 + 1e-6)]
-        return max(ok) if ok else 0
+        k = max(ok) if ok else 0
+        while k + 1 < len(self.shapes) and self.shapes[k][0] * self.shapes[k][1] > max_px:
+            k += 1
+        return k
 
 
 def read_map_info(path: Path) -> MapInfo:

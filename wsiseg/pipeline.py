@@ -156,6 +156,14 @@ def class_counts(canvas: DiskCanvas, n_values: int, chunk_px: int = 1 << 20) -> 
     return counts
 
 
+def thumbnail_mpp(slide: Slide, options: SegmentOptions, max_px: float = 4e6) -> float:
+    """``options.thumbnail_mpp``, coarsened so that the thumbnail holds at most ``max_px``
+    pixels (tissue detection and the preview then cost the same on any slide)."""
+    w, h = slide.info.l0_size
+    area_um2 = w * h * slide.info.mpp ** 2
+    return max(options.thumbnail_mpp, (area_um2 / max_px) ** 0.5)
+
+
 def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model | str | Path,
                   options: SegmentOptions = SegmentOptions(), report_path: str | Path | None = None,
                   analysis: AnalysisOptions | None = AnalysisOptions(),
@@ -185,7 +193,7 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
 
     with Slide(slide_path, mpp=options.mpp) as slide:
         plan = slide.plan(c.mpp)
-        thumb, scanned, thumb_mpp = slide.thumbnail(options.thumbnail_mpp)
+        thumb, scanned, thumb_mpp = slide.thumbnail(thumbnail_mpp(slide, options))
         if options.tissue is None:
             mask = scanned
         else:

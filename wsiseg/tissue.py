@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from skimage import color, morphology
+from skimage import morphology
 
 
 @dataclass(frozen=True)
@@ -31,9 +31,14 @@ def tissue_mask(rgb: np.ndarray, scanned: np.ndarray, *, mpp: float,
     """Boolean tissue mask of a thumbnail ``rgb`` (h, w, 3) uint8 taken at ``mpp`` µm/px."""
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"thumbnail must be (h, w, 3) RGB, got shape {rgb.shape}")
-    hsv = color.rgb2hsv(rgb)
-    gray = hsv[..., 2] * (1 - hsv[..., 1] / 2)  # darkness that does not reward saturation
-    mask = scanned & ((hsv[..., 1] > params.min_saturation) | (gray < params.max_gray))
+    mask = np.empty(rgb.shape[:2], bool)
+    for r in range(0, rgb.shape[0], 512):  # float32 in strips: a big thumbnail stays cheap
+        px = rgb[r:r + 512].astype(np.float32) / 255.0
+        hi, lo = px.max(axis=2), px.min(axis=2)
+        sat = np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)  # HSV saturation
+        gray = hi * (1 - sat / 2)  # darkness that does not reward saturation
+        mask[r:r + 512] = (sat > params.min_saturation) | (gray < params.max_gray)
+    mask &= scanned
     px_area_um2 = mpp * mpp
     mask = morphology.remove_small_objects(
         mask, max_size=max(0, int(params.min_tissue_um2 / px_area_um2) - 1))
