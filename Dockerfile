@@ -24,7 +24,8 @@ LABEL org.opencontainers.image.title="wsiseg" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /opt/wsiseg /opt/wsiseg
 ENV PATH=/opt/wsiseg/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-RUN useradd --uid 1000 --user-group --no-create-home --home-dir /data --shell /usr/sbin/nologin wsiseg \
+# A real home for caches (ONNX Runtime writes one), so that none lands in the mounted /data.
+RUN useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin wsiseg \
  && mkdir -p /data && chown wsiseg:wsiseg /data
 # Smoke test at build: the command runs, OpenSlide's library loads, and torch is absent.
 RUN wsiseg --version \

@@ -48,13 +48,15 @@ def test_workflow_on_the_shared_slides(slides_dir, tmp_path):
     with open(out / "cohort.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["slide"] for row in rows] == slides  # one row per slide
-    by = {row["name"]: row for row in rows}
-    tcga = by["tcga-cr-7395-01a-01-ts1"]
-    assert tcga["mpp_source"] == "override" and float(tcga["slide_mpp"]) == 0.5
-    cmu = by["CMU-1-Small-Region"]
-    assert float(cmu["tumour_mm2"]) > 0 and float(cmu["stroma_mm2"]) > 0
+    by = {row["slide"]: row for row in rows}
+    assert {"tumour mm2", "stroma mm2", "tsr_whole_pct", "tsr_reason"} <= set(rows[0])
+    assert float(by["tcga-cr-7395-01a-01-ts1.svs"]["mpp"]) == pytest.approx(1.0, rel=0.01)
+    report = json.loads((out / "tcga-cr-7395-01a-01-ts1.json").read_text())
+    assert report["slide"]["mpp_source"] == "override" and report["slide"]["mpp"] == 0.5
+    cmu = by["CMU-1-Small-Region.svs"]
+    assert float(cmu["tumour mm2"]) > 0 and float(cmu["stroma mm2"]) > 0
     report = json.loads((out / "CMU-1-Small-Region.json").read_text())
-    assert float(cmu["stroma_mm2"]) == pytest.approx(report["class_area_mm2"]["stroma"], abs=1e-4)
+    assert float(cmu["stroma mm2"]) == pytest.approx(report["class_area_mm2"]["stroma"], abs=1e-4)
     with openslide.OpenSlide(str(out / "CMU-1-Small-Region.tif")) as osr:
         w, h = osr.dimensions
         assert abs(w - 2220 * 0.499) <= 1 and abs(h - 2967 * 0.499) <= 1
