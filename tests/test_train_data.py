@@ -128,3 +128,16 @@ def test_config_errors(tmp_path):
         load_config(tmp_path / "c.toml", ["data.patch_px=30"])
     with pytest.raises(ConfigError, match="write section.key=value"):
         load_config(tmp_path / "c.toml", ["lr=1"])
+
+
+def test_paper_config_has_the_papers_classes_and_schedule():
+    from pathlib import Path
+
+    from wsiseg.contract import PAPER_CLASSES
+    config = Path(__file__).resolve().parents[1] / "training" / "configs" / "paper-13class.toml"
+    cfg = load_config(config)
+    assert list(cfg.model.classes) == [c.name for c in PAPER_CLASSES]
+    assert (cfg.model.width, cfg.model.depth, cfg.data.patch_px, cfg.data.mpp) == (32, 5, 384, 1.0)
+    assert (cfg.train.lr, cfg.train.lr_patience, cfg.train.batch_size) == (1e-5, 10, 8)
+    assert (cfg.train.epochs, cfg.train.iterations, cfg.data.sparse_dense_ratio) == (300, 750, 4.0)
+    assert {s.annotation for s in cfg.data.sets} == {"sparse", "dense"}

@@ -20,7 +20,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "ebhi-se
 NARROW = ["model.width=8", "model.depth=3", "model.border_px=8", "data.patch_px=64",
           "data.jitter_px=16", "data.val_patches=8", "data.sets.limit=8",
           f'data.sets.index="{EBHI_INDEX.as_posix()}"', "train.lr=1e-3", "train.epochs=3",
-          "train.iterations=8", "train.batch_size=4", "train.threads=1", "train.seed=3"]
+          "train.iterations=8", "train.batch_size=4", "train.threads=1", "train.seed=3",
+          # flips and 90-degree turns only: 24 iterations are too few to learn through warps
+          "augment.rotate=false", "augment.elastic=false", "augment.hed=false",
+          "augment.hsv=false"]
 
 
 def _overrides(keys):
@@ -58,7 +61,10 @@ def test_exported_model_matches_torch_and_carries_the_contract(run):
     assert contract.class_names == ["tumour", "healthy glands", "other"]
     assert (contract.size_multiple, contract.tile_px, contract.border_px) == (4, 64, 8)
     assert contract.input == "uint8" and contract.tumour_classes == ("tumour",)
-    assert contract.training["iterations"] == 24 and contract.training["val_dice"] is not None
+    # the exported weights are those of the best epoch
+    assert contract.training["iterations"] == 8 * contract.training["best_epoch"]
+    assert contract.training["epochs"] == contract.training["best_epoch"]
+    assert 0 <= contract.training["val_dice"] <= 1
     assert contract.training["sets"][0]["source"] == "index.csv"
     _, model = model_from_checkpoint(load_checkpoint(out / "best.pt"))
     model.eval()

@@ -15,6 +15,9 @@ def class_values(cfg: Config) -> dict[str, int]:
 
 
 def pair_mapping(s: SetSection, values: dict[str, int]):
+    if s.mapping == "ebhi":  # EBHI-Seg gland masks -> tissue classes (training/ebhi.py)
+        from .ebhi import mapping_for_set
+        return mapping_for_set(s, values)
     if s.mapping == "values":
         if not s.values:
             raise ConfigError("data.sets: mapping = \"values\" needs values = {\"<mask value>\" = "
@@ -37,7 +40,7 @@ def pair_mapping(s: SetSection, values: dict[str, int]):
     raise ConfigError(f"data.sets: mapping must be values or threshold, got {s.mapping!r}")
 
 
-def _load_set(s: SetSection, cfg: Config, split: str) -> list[Item]:
+def load_set(s: SetSection, cfg: Config, split: str) -> list[Item]:
     values = class_values(cfg)
     if s.kind == "pairs":
         if not s.index:
@@ -69,8 +72,8 @@ def build_data(cfg: Config) -> TrainingData:
     val: list[Item] = []
     try:
         for s in cfg.data.sets:
-            train += _load_set(s, cfg, "train")
-            val += _load_set(s, cfg, "val")
+            train += load_set(s, cfg, "train")
+            val += load_set(s, cfg, "val")
     except BaseException:
         TrainingData(train, val, [it.slide for it in train + val if it.slide is not None]).close()
         raise
