@@ -141,3 +141,14 @@ def test_paper_config_has_the_papers_classes_and_schedule():
     assert (cfg.train.lr, cfg.train.lr_patience, cfg.train.batch_size) == (1e-5, 10, 8)
     assert (cfg.train.epochs, cfg.train.iterations, cfg.data.sparse_dense_ratio) == (300, 750, 4.0)
     assert {s.annotation for s in cfg.data.sets} == {"sparse", "dense"}
+
+
+def test_a_mapping_can_ask_for_the_image(tmp_path):
+    index = write_pairs(tmp_path / "p", n_train=1, n_val=0)
+
+    def by_brightness(mask, row, image):
+        return np.where(image.mean(axis=2) > 150, 1, 2).astype(np.uint8)
+    by_brightness.needs_image = True
+    (item,) = load_pairs(index, by_brightness)
+    assert set(np.unique(item.labels)) <= {1, 2}
+    assert np.array_equal(item.labels == 1, item.image.mean(axis=2) > 150)

@@ -134,7 +134,8 @@ def _resolve(path: str, base: Path) -> str:
 def from_dict(raw: Mapping[str, Any], base_dir: Path) -> Config:
     unknown = sorted(set(raw) - {"model", "data", "augment", "train"})
     if unknown:
-        raise ConfigError(f"unknown table [{unknown[0]}]; valid tables: model, data, augment, train")
+        raise ConfigError(f"unknown table [{unknown[0]}]; valid tables: model, data, augment, "
+                          "train")
     for table in ("model", "data"):
         if table not in raw:
             raise ConfigError(f"the config has no [{table}] table")

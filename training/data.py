@@ -95,7 +95,10 @@ def load_pair(image_path: Path, mask_path: Path, mapping: Mapping_, row: Mapping
                          f"its mask {mask_path.name} is {mask.shape[1]}x{mask.shape[0]} px; "
                          "image and mask must have the same size")
     # a mapping with needs_image = True also sees the image (e.g. training/ebhi.py)
-    labels = mapping(mask, row, image) if getattr(mapping, "needs_image", False) else mapping(mask, row)
+    if getattr(mapping, "needs_image", False):
+        labels = mapping(mask, row, image)
+    else:
+        labels = mapping(mask, row)
     if scale != 1.0:
         image = (rescale(image, scale, order=1, channel_axis=-1, preserve_range=True,
                          anti_aliasing=scale < 1) + 0.5).astype(np.uint8)

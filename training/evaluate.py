@@ -59,7 +59,8 @@ def evaluate_onnx(model_path: str | Path, items: list[Item], class_names: list[s
     per, overall = dice_scores(counts)
     return {"model": Path(model_path).name, "images": len(items),
             "dice": dict(zip(class_names, per)), "overall_dice": overall,
-            "labelled_pixels": {n: int(c) for n, c in zip(class_names, counts[:, 0] + counts[:, 2])}}
+            "labelled_pixels": {n: int(c) for n, c in
+                                zip(class_names, counts[:, 0] + counts[:, 2])}}
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

@@ -51,7 +51,8 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = \"cuda\" but no CUDA GPU is visible; use \"cpu\" or \"auto\"")
+        raise ValueError("train.device = \"cuda\" but no CUDA GPU is visible; use \"cpu\" or "
+                         "\"auto\"")
     return torch.device(name)
 
 
