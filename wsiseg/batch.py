@@ -332,7 +332,7 @@ def run_slide(slide: Path, name: str, out_dir: Path, *,
         try:
             process(slide, outputs)
         except (ValueError, OSError) as e:
-            log.error("%s: %s", slide.name, one_line(e))
+            log.warning("%s failed: %s", slide.name, one_line(e))  # the caller reports it
             return status(FAILED, one_line(e))
         if not is_complete(outputs):
             return status(FAILED, f"processing ended without a readable report "
