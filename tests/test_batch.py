@@ -15,8 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from wsiseg.batch import (BatchInputError, SlideStatus, expand_slides, is_complete,
-                          output_names, outputs_for, read_status, run_batch, safe_name, try_lock)
+from wsiseg.batch import (
+    BatchInputError,
+    SlideStatus,
+    expand_slides,
+    is_complete,
+    output_names,
+    outputs_for,
+    read_status,
+    run_batch,
+    safe_name,
+    try_lock,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -328,6 +338,7 @@ def test_two_parallel_workers_process_each_slide_once(tmp_path):
 
 def _cli_has_batch() -> bool:
     from click.testing import CliRunner
+
     from wsiseg.cli import main
     return "--list" in CliRunner().invoke(main, ["segment", "--help"]).output
 
@@ -335,6 +346,7 @@ def _cli_has_batch() -> bool:
 @pytest.fixture(scope="module")
 def model_1um(tmp_path_factory) -> Path:
     from onnx_models import colour_rule_model, contract
+
     from wsiseg.contract import to_metadata
     meta = to_metadata(contract(mpp=1.0, tile_px=256, border_px=16, size_multiple=16))
     return colour_rule_model(tmp_path_factory.mktemp("m") / "colour1um.onnx", meta=meta)
@@ -345,6 +357,7 @@ def test_cli_batch_mode_on_real_slides(slides_dir, model_1um, tmp_path):
     if not _cli_has_batch():
         pytest.skip("batch CLI not wired (wsiseg segment --help has no --list)")
     from click.testing import CliRunner
+
     from wsiseg.cli import main
 
     folder = tmp_path / "folder"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import openslide
 import pytest
-
 from onnx_models import colour_rule_model, contract
+
 from wsiseg.contract import to_metadata
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Batch runs over many slides into one folder: resumable, lock-safe, never stopped by one bad slide.
+"""Batch runs over many slides into one folder: resumable, lock-safe, not stopped by a bad slide.
 
 The engine is passed in as ``process(slide, outputs)``, so this module knows nothing about models
 or OpenSlide and is tested with fake processors. The contract with ``process``:
@@ -29,10 +29,10 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 try:
     import fcntl
