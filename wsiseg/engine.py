@@ -6,6 +6,7 @@ and output layout, class count, tile size), and run on batches of uint8 RGB tile
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from dataclasses import dataclass
@@ -34,6 +35,16 @@ class ModelError(ValueError):
     """The model file cannot be used; the message says why."""
 
 
+def cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver library loads: onnxruntime-gpu offers the CUDA provider even on
+    machines without a GPU, and then logs a loud error before falling back on its own."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def providers_for(device: str, available: list[str] | None = None) -> list[str]:
     """Execution providers to ask for, best first, always ending with the CPU.
 
@@ -43,7 +54,10 @@ def providers_for(device: str, available: list[str] | None = None) -> list[str]:
     command works on every machine (the report records what actually ran)."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    available = ort.get_available_providers() if available is None else available
+    if available is None:
+        available = ort.get_available_providers()
+        if not cuda_driver_present():
+            available = [p for p in available if p not in _PROVIDER.values() or p == _PROVIDER["cpu"]]
     wanted = {"auto": ["cuda"], "cpu": [], "cuda": ["cuda"], "tensorrt": ["tensorrt", "cuda"]}
     chosen = [_PROVIDER[d] for d in wanted[device] if _PROVIDER[d] in available]
     if device in ("cuda", "tensorrt") and _PROVIDER[device] not in available:
