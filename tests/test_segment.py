@@ -196,3 +196,18 @@ def test_gpu_request_falls_back_to_cpu(colour_model, caplog):
         m = load_model(colour_model, device="cuda")
         assert m.providers == ["CPUExecutionProvider"]
         assert "running on the CPU" in caplog.text
+
+
+def test_default_tile_size_computes_fewest_pixels():
+    from wsiseg.tiling import choose_tile_px, tile_grid
+    # A 1108 x 1481 map (CMU-1 at 1 um/px): 1024 tiles would need 2 x 2 = 4 Mpx of input.
+    t = choose_tile_px((1481, 1108), None, border_px=32, multiple=16)
+    cost = len(tile_grid((1481, 1108), tile_px=t, border_px=32)) * t * t
+    assert t % 16 == 0 and cost < 4 * 1024 * 1024
+    for other in range(384, 1025, 128):
+        assert cost <= len(tile_grid((1481, 1108), tile_px=other, border_px=32)) * other ** 2
+    # A large map keeps the largest tile; a tissue mask changes the choice.
+    assert choose_tile_px((20000, 20000), None, border_px=32, multiple=16) == 1024
+    mask = np.zeros((100, 100), bool)
+    mask[10, 10] = True  # one speck of tissue: the smallest tile is cheapest
+    assert choose_tile_px((20000, 20000), mask, border_px=32, multiple=16) == 384

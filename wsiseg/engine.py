@@ -152,11 +152,17 @@ def load_model(path: str | Path, *, device: str = "auto") -> Model:
     return model
 
 
+def fixed_tile_px(model: Model) -> int | None:
+    """The input size of a model whose graph fixes it, else None (fully convolutional)."""
+    fixed = [d for d in model.session.get_inputs()[0].shape[2:] if isinstance(d, int)]
+    return fixed[0] if fixed else None
+
+
 def check_tile_px(model: Model, tile_px: int) -> None:
     c = model.contract
-    fixed = [d for d in model.session.get_inputs()[0].shape[2:] if isinstance(d, int)]
-    if fixed and tile_px != fixed[0]:
-        raise ModelError(f"this model takes {fixed[0]}px tiles only; drop --tile-px")
+    fixed = fixed_tile_px(model)
+    if fixed and tile_px != fixed:
+        raise ModelError(f"this model takes {fixed}px tiles only; drop --tile-px")
     if tile_px % c.size_multiple or tile_px <= 2 * c.border_px:
         raise ModelError(f"--tile-px {tile_px} must be a multiple of {c.size_multiple} and larger "
                          f"than {2 * c.border_px}; try {max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)}")

@@ -28,9 +28,9 @@ from .analysis import AnalysisOptions, analyse_map, outputs_beside
 from .canvas import DiskCanvas, DiskStack
 from .contract import to_metadata
 from .files import write_text_atomic
-from .engine import Model, check_tile_px, load_model
+from .engine import Model, check_tile_px, fixed_tile_px, load_model
 from .slide import ReadPlan, Slide
-from .tiling import Tile, computed_px_ratio, tile_grid, tiles_on_mask
+from .tiling import Tile, choose_tile_px, computed_px_ratio, tile_grid, tiles_on_mask
 from .tissue import TissueParams, area_mm2, tissue_mask
 from .writer import write_pyramid, write_stack
 
@@ -43,7 +43,7 @@ class OutputError(ValueError):
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    tile_px: int | None = None  # None: 1024 rounded to the model's size multiple
+    tile_px: int | None = None  # None: the size up to 1024 that computes the fewest pixels
     batch_size: int | None = None  # None: 1 on the CPU, 4 on a GPU
     workers: int = 2  # reader threads
     device: str = "auto"
@@ -186,8 +186,6 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
     if isinstance(model, (str, Path)):
         model = load_model(model, device=options.device)
     c = model.contract
-    tile_px = options.tile_px or max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)
-    check_tile_px(model, tile_px)
     on_gpu = model.providers[0] != "CPUExecutionProvider"
     batch_size = options.batch_size or (4 if on_gpu else 1)
 
@@ -198,6 +196,10 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
             mask = scanned
         else:
             mask = tissue_mask(thumb, scanned, mpp=thumb_mpp, params=options.tissue)
+        tile_px = options.tile_px or fixed_tile_px(model) or choose_tile_px(
+            plan.out_shape, None if options.tissue is None else mask,
+            border_px=c.border_px, multiple=c.size_multiple, smallest_px=c.tile_px)
+        check_tile_px(model, tile_px)
         all_tiles = tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px)
         tiles = all_tiles if options.tissue is None else \
             tiles_on_mask(all_tiles, mask, out_shape=plan.out_shape)
