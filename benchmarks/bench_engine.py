@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,21 +49,24 @@ def machine() -> str:
 
 def speed(args: argparse.Namespace) -> dict:
     from wsiseg.engine import load_model
-    from wsiseg.pipeline import SegmentOptions, segment_slide
+    from wsiseg.pipeline import SegmentOptions, segment_slide, thumbnail_mpp
     from wsiseg.slide import Slide
-    from wsiseg.tiling import tile_grid, tiles_on_mask
+    from wsiseg.tiling import choose_tile_px, tile_grid, tiles_on_mask
     from wsiseg.tissue import TissueParams, tissue_mask
 
     model = load_model(args.model, device=args.device)
     c = model.contract
-    tile_px = args.tile_px or max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)
-    opts = SegmentOptions(tile_px=tile_px, batch_size=args.batch_size, device=args.device,
+    opts = SegmentOptions(tile_px=args.tile_px, batch_size=args.batch_size, device=args.device,
                           mpp=args.mpp, workers=args.workers)
     batch = opts.batch_size or 1
     with Slide(args.slide, mpp=args.mpp) as s:
         plan = s.plan(c.mpp)
-        thumb, scanned, tmpp = s.thumbnail(opts.thumbnail_mpp)
+        thumb, scanned, tmpp = s.thumbnail(thumbnail_mpp(s, opts))
         mask = tissue_mask(thumb, scanned, mpp=tmpp, params=TissueParams())
+        tile_px = args.tile_px or choose_tile_px(plan.out_shape, mask, border_px=c.border_px,
+                                                 multiple=c.size_multiple, smallest_px=c.tile_px)
+        opts = SegmentOptions(**{**opts.to_dict(), "tile_px": tile_px,
+                                 "tissue": TissueParams()})
         tiles = tiles_on_mask(tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px),
                               mask, out_shape=plan.out_shape)
         t0 = time.perf_counter()
@@ -129,7 +131,7 @@ def build_large_slide(path: Path, side_px: int, *, mpp: float, tissue_fraction: 
 _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {tests!r})
-from wsiseg.pipeline import SegmentOptions, segment_slide
+from wsiseg.pipeline import SegmentOptions, segment_slide, thumbnail_mpp
 t = time.perf_counter()
 r = segment_slide({slide!r}, {out!r}, model={model!r}, options=SegmentOptions(tile_px=1024))
 print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import onnx
 import torch
+from wsiseg_train.unet import UNetConfig, build_model, count_parameters
 
 from wsiseg.contract import PAPER_CLASSES, paper_contract, to_metadata
-from wsiseg_train.unet import UNetConfig, build_model, count_parameters
 
 
 def main(out: Path) -> None:

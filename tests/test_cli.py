@@ -11,8 +11,8 @@ import numpy as np
 import openslide
 import pytest
 from click.testing import CliRunner
-
 from onnx_models import colour_rule_model, contract
+
 from wsiseg import __version__
 from wsiseg.cli import main
 from wsiseg.contract import to_metadata
@@ -25,7 +25,7 @@ def model_1um(tmp_path_factory) -> Path:
     return colour_rule_model(tmp_path_factory.mktemp("m") / "colour1um.onnx", meta=meta)
 
 
-def run(*args: str) -> "CliRunner.invoke":
+def run(*args: str) -> CliRunner.invoke:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 

@@ -3,8 +3,13 @@ import json
 import numpy as np
 import pytest
 
-from wsiseg.geojson import (class_features, feature_collection, hotspot_feature, mask_polygons,
-                            write_geojson)
+from wsiseg.geojson import (
+    class_features,
+    feature_collection,
+    hotspot_feature,
+    mask_polygons,
+    write_geojson,
+)
 from wsiseg.tsr import Hotspot
 
 NAMES = ["tumour", "stroma", "background"]

@@ -10,10 +10,10 @@ import numpy as np
 import openslide
 import pytest
 from click.testing import CliRunner
-
 from onnx_models import colour_rule_model, contract
 from synth import PINK_RGB, PURPLE_RGB, make_slide
-from wsiseg.analysis import AnalysisOptions, analyse_map, outputs_beside
+
+from wsiseg.analysis import AnalysisOptions, outputs_beside
 from wsiseg.cli import main
 from wsiseg.contract import to_metadata
 from wsiseg.pipeline import SegmentOptions, segment_slide
@@ -21,7 +21,7 @@ from wsiseg.tsr import TSRConfig
 from wsiseg.writer import read_level, write_pyramid
 
 
-def run(*args) -> "CliRunner.invoke":
+def run(*args) -> CliRunner.invoke:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
@@ -66,11 +66,12 @@ def test_known_tsr_through_segment_and_report(tmp_path, model_8um):
     with openslide.OpenSlide(str(outs["tsr"])) as osr:
         assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(8.0)
     tsr_map = read_level(outs["tsr"])
-    assert tsr_map[250, 250] == round(hot["tsr_pct"]) or abs(int(tsr_map[250, 250]) - hot["tsr_pct"]) <= 1
+    assert abs(int(tsr_map[250, 250]) - hot["tsr_pct"]) <= 1
     assert (tsr_map[:20, :20] == 255).all()  # corners: no eligible field
     # CSV: header + one row with the same hot-spot TSR.
     rows = list(csv.DictReader(outs["csv"].open()))
-    assert len(rows) == 1 and float(rows[0]["tsr_hotspot_pct"]) == pytest.approx(hot["tsr_pct"], abs=0.05)
+    assert len(rows) == 1
+    assert float(rows[0]["tsr_hotspot_pct"]) == pytest.approx(hot["tsr_pct"], abs=0.05)
     # `wsiseg report` on the existing map gives the same numbers (no re-inference).
     r = run("report", out, "--overwrite", "--tsr-field-um", "2200")
     assert r.exit_code == 0, r.output

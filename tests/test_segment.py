@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
-
 from onnx_models import box_filter_model, colour_rule_labels, colour_rule_model, contract
 from synth import make_slide, make_tissue_rgb
+
 from wsiseg.contract import to_metadata
 from wsiseg.engine import load_model
 from wsiseg.pipeline import OutputError, SegmentOptions, segment_slide
@@ -45,7 +45,8 @@ def test_exact_map_and_round_trip_through_openslide(tissue, colour_model, tmp_pa
     # OpenSlide sees a pyramid with the right size and mpp, coloured by the model's palette.
     with openslide.OpenSlide(str(out)) as osr:
         assert osr.dimensions == (420, 300)
-        assert [d[::-1] for d in osr.level_dimensions] == [tuple(lv) for lv in report["map"]["levels"]]
+        levels = [tuple(lv) for lv in report["map"]["levels"]]
+        assert [d[::-1] for d in osr.level_dimensions] == levels
         assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(2.0)
         region = np.asarray(osr.read_region((0, 0), 0, (420, 300)))[..., :3]
     colours = np.array([(0, 0, 0)] + [k.color for k in contract().classes], np.uint8)

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 
 from wsiseg.contract import paper_contract
-from wsiseg.tsr import (NO_DATA, TSRConfig, field_kernels, measure_tsr,
-                        measure_tsr_with_contract, tsr_lut, tsr_value)
+from wsiseg.tsr import (
+    NO_DATA,
+    TSRConfig,
+    field_kernels,
+    measure_tsr,
+    measure_tsr_with_contract,
+    tsr_lut,
+    tsr_value,
+)
 
 TUMOUR, STROMA, FAT, BACKGROUND = 1, 2, 3, 4
 NAMES = ["tumour", "stroma", "fat", "background"]

@@ -14,12 +14,11 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
-
 from synth import BLOB_RGB, make_labels, make_slide, make_tissue_rgb
+
 from wsiseg import writer
 from wsiseg.contract import PAPER_CLASSES
-from wsiseg.writer import (read_description, read_level, read_stack, write_pyramid,
-                           write_stack)
+from wsiseg.writer import read_description, read_level, read_stack, write_pyramid, write_stack
 
 COLORS = [(0, 0, 0)] + [c.color for c in PAPER_CLASSES]  # value 0 = not analysed
 LEGEND = {"classes": [{"value": i + 1, "name": c.name} for i, c in enumerate(PAPER_CLASSES)],
@@ -124,7 +123,7 @@ def test_one_pixel_wide_image(tmp_path, shape):
     path = tmp_path / "thin.tif"
     shapes = write_pyramid(path, labels, mpp=1.0, tile_px=256)
     assert len(shapes) == 5 and max(shapes[-1]) <= 256 and min(shapes[-1]) == 1
-    for k, lv_shape in enumerate(shapes):
+    for k, _ in enumerate(shapes):
         np.testing.assert_array_equal(read_level(path, level=k), labels[::2**k, ::2**k])
     with openslide.OpenSlide(str(path)) as osr:
         assert osr.level_dimensions == tuple((w, h) for h, w in shapes)

@@ -56,7 +56,7 @@ class DiskCanvas:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "DiskCanvas":
+    def __enter__(self) -> DiskCanvas:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -84,7 +84,7 @@ class DiskStack:
         for p in self.planes:
             p.close()
 
-    def __enter__(self) -> "DiskStack":
+    def __enter__(self) -> DiskStack:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,11 +24,15 @@ DEFAULT_MODEL_FILE = "wsiseg-ebhi-unet.onnx"
 
 
 def default_model() -> Path:
-    """``$WSISEG_MODEL``, else the model shipped inside the package."""
+    """``$WSISEG_MODEL``, else the model shipped inside the package (``wsiseg.models``, which
+    is the repository's ``models/`` folder; found beside the sources when run from a checkout)."""
     env = os.environ.get(DEFAULT_MODEL_ENV)
     if env:
         return Path(env)
-    shipped = Path(str(resources.files("wsiseg.models").joinpath(DEFAULT_MODEL_FILE)))
+    try:
+        shipped = Path(str(resources.files("wsiseg.models").joinpath(DEFAULT_MODEL_FILE)))
+    except ModuleNotFoundError:
+        shipped = Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL_FILE
     if not shipped.is_file():
         raise click.UsageError(f"no default model is installed; pass --model MODEL.onnx "
                                f"or set {DEFAULT_MODEL_ENV}")
@@ -42,7 +46,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .engine import ModelError
     from .pipeline import OutputError
     from .slide import SlideError
-    return (SlideError, ModelError, ContractError, OutputError, MapError, BatchInputError, FileNotFoundError,
+    return (SlideError, ModelError, ContractError, OutputError, MapError, BatchInputError,
+            FileNotFoundError,
             PermissionError, IsADirectoryError)
 
 
@@ -67,7 +72,8 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Segment H&E whole-slide images into tissue classes and measure the tumour-stroma ratio."""
-    level = logging.ERROR if quiet else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    levels = [logging.WARNING, logging.INFO, logging.DEBUG]
+    level = logging.ERROR if quiet else levels[min(verbose, 2)]
     logging.basicConfig(level=level, format="wsiseg: %(levelname)s: %(message)s", stream=sys.stderr)
     ctx.obj = {"quiet": quiet}
 
@@ -133,14 +139,18 @@ def analysis_flags(f):
 @click.option("--list", "list_file", type=click.Path(path_type=Path),
               help="File listing slides, one path per line (batch mode).")
 @click.option("--model", type=click.Path(path_type=Path),
-              help=f"ONNX model with a wsiseg contract (default: ${DEFAULT_MODEL_ENV} or the shipped model).")
+              help=f"ONNX model with a wsiseg contract (default: ${DEFAULT_MODEL_ENV} or the "
+                   "shipped model).")
 @click.option("--mpp", type=float, help="Slide level-0 microns per pixel, overriding the slide's.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
               show_default=True, help="Where to run the model; auto = CUDA if available, else CPU.")
-@click.option("--tile-px", type=int, help="Input tile size (default 1024, a multiple of the model's).")
+@click.option("--tile-px", type=int,
+              help="Input tile size, a multiple of the model's (default: the size up to 1024 "
+                   "that computes the fewest pixels).")
 @click.option("--batch-size", type=int, help="Tiles per model call (default 1 on CPU, 4 on GPU).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Slide reader threads.")
-@click.option("--no-tissue-mask", is_flag=True, help="Run the model on every tile, not only tissue.")
+@click.option("--no-tissue-mask", is_flag=True,
+              help="Run the model on every tile, not only tissue.")
 @click.option("--min-tissue-um2", type=float, default=20_000.0, show_default=True,
               help="Ignore tissue pieces smaller than this.")
 @click.option("--probabilities", is_flag=True, help="Also write MAP.prob.tif (class scores x255).")
@@ -176,7 +186,8 @@ def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_fil
     batch = (len(slides) != 1 or list_file is not None or slides[0].is_dir()
              or any(ch in str(slides[0]) for ch in "*?[") or output.is_dir())
     if batch and report_path is not None:
-        raise click.UsageError("--report names one file; in batch mode reports go to the output folder")
+        raise click.UsageError("--report names one file; in batch mode the reports go to the "
+                               "output folder")
     loaded = load_model(model or default_model(), device=device)
     run = _segment_batch if batch else _segment_one
     run(ctx, slides=slides, list_file=list_file, output=output, model=loaded, options=options,

@@ -40,8 +40,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 CONTRACT_VERSION = "1"
 PREFIX = "wsiseg."
@@ -231,7 +232,8 @@ def from_metadata(meta: Mapping[str, str]) -> ModelContract:
         try:
             return json.loads(m[key])
         except json.JSONDecodeError as e:
-            raise ContractError(f"model contract: {PREFIX}{key} is not valid JSON ({e.msg})") from None
+            raise ContractError(f"model contract: {PREFIX}{key} is not valid JSON "
+                                f"({e.msg})") from None
 
     def parse_num(key: str, kind: type) -> Any:
         try:

@@ -57,7 +57,8 @@ def providers_for(device: str, available: list[str] | None = None) -> list[str]:
     if available is None:
         available = ort.get_available_providers()
         if not cuda_driver_present():
-            available = [p for p in available if p not in _PROVIDER.values() or p == _PROVIDER["cpu"]]
+            gpu = {_PROVIDER["cuda"], _PROVIDER["tensorrt"]}
+            available = [p for p in available if p not in gpu]
     wanted = {"auto": ["cuda"], "cpu": [], "cuda": ["cuda"], "tensorrt": ["tensorrt", "cuda"]}
     chosen = [_PROVIDER[d] for d in wanted[device] if _PROVIDER[d] in available]
     if device in ("cuda", "tensorrt") and _PROVIDER[device] not in available:
@@ -164,5 +165,6 @@ def check_tile_px(model: Model, tile_px: int) -> None:
     if fixed and tile_px != fixed:
         raise ModelError(f"this model takes {fixed}px tiles only; drop --tile-px")
     if tile_px % c.size_multiple or tile_px <= 2 * c.border_px:
+        hint = max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)
         raise ModelError(f"--tile-px {tile_px} must be a multiple of {c.size_multiple} and larger "
-                         f"than {2 * c.border_px}; try {max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)}")
+                         f"than {2 * c.border_px}; try {hint}")

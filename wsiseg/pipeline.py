@@ -11,15 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -27,8 +26,8 @@ from . import __version__
 from .analysis import AnalysisOptions, analyse_map, outputs_beside
 from .canvas import DiskCanvas, DiskStack
 from .contract import to_metadata
-from .files import write_text_atomic
 from .engine import Model, check_tile_px, fixed_tile_px, load_model
+from .files import write_text_atomic
 from .slide import ReadPlan, Slide
 from .tiling import Tile, choose_tile_px, computed_px_ratio, tile_grid, tiles_on_mask
 from .tissue import TissueParams, area_mm2, tissue_mask
@@ -167,7 +166,8 @@ def thumbnail_mpp(slide: Slide, options: SegmentOptions, max_px: float = 4e6) ->
 def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model | str | Path,
                   options: SegmentOptions = SegmentOptions(), report_path: str | Path | None = None,
                   analysis: AnalysisOptions | None = AnalysisOptions(),
-                  outputs: dict[str, Path] | None = None, overwrite: bool = False, on_start: Callable[[int], None] | None = None,
+                  outputs: dict[str, Path] | None = None, overwrite: bool = False,
+                  on_start: Callable[[int], None] | None = None,
                   progress: Callable[[int], None] | None = None) -> dict:
     """Segment one slide into a pyramidal label TIFF at ``out_path`` and a JSON report.
 

@@ -11,7 +11,8 @@ are resized to the thumbnail with nearest-neighbour sampling. Pillow draws in (x
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

@@ -152,7 +152,7 @@ class Slide:
     def close(self) -> None:
         self._osr.close()
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -32,8 +32,9 @@ a score of 60 % or more. Nearest rounding would label 54 % stroma-high with a sc
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import fft as sfft
