@@ -6,10 +6,15 @@ import math
 from pathlib import Path
 
 import pytest
-
 from wsiseg_train.config import ConfigError
-from wsiseg_train.experiment import (ExperimentSection, load_experiment, markdown_table,
-                                     orderings, split_patients, summarise)
+from wsiseg_train.experiment import (
+    ExperimentSection,
+    load_experiment,
+    markdown_table,
+    orderings,
+    split_patients,
+    summarise,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "training" / "configs" / "experiment.toml"
@@ -96,7 +101,6 @@ def test_tiny_real_experiment(shared_data, tmp_path):
     """Two settings, one seed, two iterations each, on a handful of real EBHI-Seg crops."""
     pytest.importorskip("torch")
     from click.testing import CliRunner
-
     from wsiseg_train.cli import main
 
     ebhi = shared_data / "ebhi-seg"

@@ -29,12 +29,13 @@ import logging
 import math
 import statistics
 import time
-import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+import tomllib
 
 from .config import Config, ConfigError, apply_overrides, from_dict
 
@@ -306,8 +307,9 @@ def orderings(results: list[dict[str, Any]], classes: Sequence[str]) -> list[str
     if all(("sparse", w) in o for w in WEIGHTINGS):
         s = [o["sparse", w] for w in ("minibatch", "instance", "none")]
         held = s[0] > s[1] > s[2]
+        verdict = "holds" if held else "does not hold"
         lines.append(f"sparse: mini-batch {s[0]:.3f}, instance {s[1]:.3f}, none {s[2]:.3f} — "
-                     f"paper's order mini-batch > instance > none {'holds' if held else 'does not hold'}")
+                     f"paper's order mini-batch > instance > none {verdict}")
     if ("combined", "instance") in o and any(("dense", w) in o for w in WEIGHTINGS):
         best_dense = max(o[k] for k in o if k[0] == "dense")
         c = o["combined", "instance"]
