@@ -241,7 +241,8 @@ def markdown_table(results: list[dict[str, Any]], cfg: Config, exp: ExperimentSe
             f"norm {m.norm} (paper: 32, 5, none); {cfg.data.patch_px} px patches (paper: 384); "
             f"{t.epochs} × {t.iterations} iterations of batch {t.batch_size} at lr {t.lr:g} "
             f"(paper: up to 300 × 750 at 1e-5); dense part = {exp.dense_fraction:.0%} of the "
-            f"training patients. {len(results)} runs, {minutes:.0f} min on 2 shared CPU cores.")
+            f"training patients. {len(results)} runs, {minutes:.0f} min of run time in all "
+            "(summed over runs) on 2 shared CPU cores.")
     lines = [head, "",
              "| class | " + " | ".join(f"{a} / {WEIGHTING_TITLES[w]}" for a, w in keys) + " |",
              "|---|" + "---:|" * len(keys)]
@@ -291,7 +292,7 @@ def plot(results: list[dict[str, Any]], cfg: Config, path: str | Path) -> None:
                     cx = bx + bar_w * 0.4
                     d.ellipse((cx - 3, y(r["overall"]) - 3, cx + 3, y(r["overall"]) + 3),
                               outline=(0, 0, 0), fill=(255, 255, 255))
-            d.text((bx, y1 + 6), WEIGHTING_TITLES[w][:8], fill=(0, 0, 0))
+            d.text((bx, y1 + 6), WEIGHTING_TITLES[w], fill=(0, 0, 0))
     for wi, w in enumerate(WEIGHTINGS):
         lx = W - 160
         d.rectangle((lx, 40 + 18 * wi, lx + 12, 52 + 18 * wi), fill=colours[w])
