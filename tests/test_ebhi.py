@@ -6,11 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
-
 from wsiseg_train.config import ConfigError, load_config
-from wsiseg_train.ebhi import (Derivation, Sparsity, derive_labels, ebhi_mapping, image_seed,
-                               sparsify)
-from wsiseg_train.sets import build_data, pair_mapping, class_values
+from wsiseg_train.data import load_pairs
+from wsiseg_train.ebhi import (
+    Derivation,
+    Sparsity,
+    derive_labels,
+    ebhi_mapping,
+    image_seed,
+    sparsify,
+)
+from wsiseg_train.sets import build_data, class_values, pair_mapping
 
 EP, ST, BG = 1, 2, 5
 PINK = (200, 120, 170)
@@ -180,3 +186,48 @@ def test_real_ebhi_labels(shared_data, tmp_path):
     assert np.mean([(it.labels == 0).mean() for it in items]) > 0.03
     assert any(v["tumour"] in p for p in by_name.values())
     assert any(v["desmoplastic stroma"] in p for p in by_name.values())
+
+
+def test_shipped_default_model_contract_and_output():
+    """models/wsiseg-ebhi-unet.onnx: the paper's class names and colours, runs on a real crop."""
+    ort = pytest.importorskip("onnxruntime")
+
+    from wsiseg.cli import DEFAULT_MODEL_FILE
+    from wsiseg.contract import PAPER_CLASSES, from_metadata
+
+    path = ROOT / "models" / DEFAULT_MODEL_FILE
+    assert path.is_file(), f"the default model {path.name} is missing from models/"
+    assert path.stat().st_size < 8 * 2 ** 20                  # the repository stays lean
+    assert (ROOT / "models" / "wsiseg-ebhi-unet.md").is_file()  # its model card
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    c = from_metadata(session.get_modelmeta().custom_metadata_map)
+    paper = {t.name: t.color for t in PAPER_CLASSES}
+    assert c.class_names == ["tumour", "desmoplastic stroma", "lamina propria stroma",
+                             "healthy glands", "background"]
+    assert all(tuple(t.color) == tuple(paper[t.name]) for t in c.classes)
+    assert list(c.tumour_classes) == ["tumour"]
+    assert list(c.stroma_classes) == ["desmoplastic stroma"]
+    assert c.background == "background" and c.mpp == 1.0 and c.input == "uint8"
+    assert 1024 % c.size_multiple == 0 and 0 < c.border_px < 1024 // 4
+    # an all-white tile is background, at an inference tile size other than the training patch
+    white = np.full((1, 3, 256, 256), 255, np.uint8)
+    logits = session.run(None, {session.get_inputs()[0].name: white})[0]
+    assert logits.shape == (1, 5, 256, 256)
+    assert (logits[0, :, 64:192, 64:192].argmax(axis=0) == 4).mean() > 0.9
+
+
+def test_shipped_default_model_on_real_crops(shared_data):
+    """On real val crops the shipped model calls epithelium of tumour images mostly tumour."""
+    pytest.importorskip("onnxruntime")
+    from wsiseg_train.evaluate import evaluate_onnx
+
+    from wsiseg.cli import DEFAULT_MODEL_FILE
+
+    index = shared_data / "ebhi-seg" / "index.csv"
+    cfg = load_config(ROOT / "training" / "configs" / "default-model.toml",
+                      [f'data.sets.index="{index.as_posix()}"', "data.sets.limit=10"])
+    s = cfg.data.sets[0]
+    items = load_pairs(s.index, pair_mapping(s, class_values(cfg)), split="val", limit=10)
+    result = evaluate_onnx(ROOT / "models" / DEFAULT_MODEL_FILE, items, list(cfg.model.classes))
+    assert result["dice"]["tumour"] > 0.6
+    assert result["overall_dice"] > 0.4

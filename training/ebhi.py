@@ -38,8 +38,9 @@ reference the models are scored on.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
