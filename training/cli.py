@@ -119,24 +119,3 @@ def experiment(config: Path, out: Path, table: Path | None, plot_path: Path | No
     results = _run(run_experiment, cfg, exp, out)
     click.echo(_run(write_report, results, cfg, exp, table or out / "table.md",
                     plot_path or out / "plot.png"))
-
-
-@main.command()
-@click.argument("config", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
-              help="Folder for the runs and results.json (an existing one is continued).")
-@click.option("--table", type=click.Path(path_type=Path), default=None,
-              help="Markdown table to write (default: OUT/table.md).")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="PNG plot to write (default: OUT/plot.png).")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help="Override a config key, e.g. --set experiment.seeds=[0] (repeatable).")
-def experiment(config: Path, out: Path, table: Path | None, plot_path: Path | None,
-               overrides: tuple[str, ...]) -> None:
-    """The paper's Table 2 in miniature (training/experiment.py): annotation x weighting."""
-    from .experiment import load_experiment, run_experiment, write_report
-
-    cfg, exp = _run(load_experiment, config, list(overrides))
-    results = _run(run_experiment, cfg, exp, out)
-    click.echo(_run(write_report, results, cfg, exp, table or out / "table.md",
-                    plot_path or out / "plot.png"))

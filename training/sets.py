@@ -18,9 +18,6 @@ def pair_mapping(s: SetSection, values: dict[str, int]):
     if s.mapping == "ebhi":  # EBHI-Seg gland masks -> tissue classes (training/ebhi.py)
         from .ebhi import mapping_for_set
         return mapping_for_set(s, values)
-    if s.mapping == "ebhi":  # EBHI-Seg gland masks -> tissue classes (training/ebhi.py)
-        from .ebhi import mapping_for_set
-        return mapping_for_set(s, values)
     if s.mapping == "values":
         if not s.values:
             raise ConfigError("data.sets: mapping = \"values\" needs values = {\"<mask value>\" = "
