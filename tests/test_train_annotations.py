@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from skimage.io import imsave
 from skimage.transform import resize
-
 from train_helpers import SHARED_DATA
-from wsiseg_train.annotations import AnnotationError, read_annotations, rasterize
+from wsiseg_train.annotations import AnnotationError, rasterize, read_annotations
 from wsiseg_train.data import load_slide_item, read_region
 from wsiseg_train.sampling import extract
 

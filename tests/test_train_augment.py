@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from wsiseg_train.augment import AugmentConfig, augment
 
 OFF = {k: False for k in ("flip", "rot90", "rotate", "elastic", "blur", "gamma", "hsv", "hed",

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from skimage.io import imsave
-
 from train_helpers import EBHI_INDEX, tiny_config_text, write_pairs
 from wsiseg_train.config import ConfigError, load_config
 from wsiseg_train.data import Item, load_pairs, threshold_mapping, value_mapping

@@ -10,11 +10,11 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
-
 from train_helpers import EBHI_INDEX  # noqa: E402
-from wsiseg.contract import from_metadata  # noqa: E402
 from wsiseg_train.cli import main  # noqa: E402
 from wsiseg_train.train import load_checkpoint, model_from_checkpoint  # noqa: E402
+
+from wsiseg.contract import from_metadata  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "ebhi-seg.toml"
 NARROW = ["model.width=8", "model.depth=3", "model.border_px=8", "data.patch_px=64",

@@ -8,13 +8,16 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
-
 from train_helpers import tiny_config_text, write_pairs  # noqa: E402
 from wsiseg_train.cli import main  # noqa: E402
-from wsiseg_train.config import load_config  # noqa: E402
-from wsiseg_train.config import config_from_saved  # noqa: E402
-from wsiseg_train.train import (CheckpointError, load_checkpoint, load_weights,  # noqa: E402
-                                make_model, train)
+from wsiseg_train.config import config_from_saved, load_config  # noqa: E402
+from wsiseg_train.train import (  # noqa: E402
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    make_model,
+    train,
+)
 
 
 @pytest.fixture(scope="module")

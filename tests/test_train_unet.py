@@ -4,8 +4,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from wsiseg_train.unet import (UNet, UNetConfig, build_model, check_input_size,  # noqa: E402
-                               count_parameters, size_multiple)
+from wsiseg_train.unet import (  # noqa: E402
+    UNet,
+    UNetConfig,
+    build_model,
+    check_input_size,
+    count_parameters,
+    size_multiple,
+)
 
 
 def test_default_is_the_papers_net():

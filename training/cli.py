@@ -41,6 +41,9 @@ def _run(fn, *args, **kwargs):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Train wsiseg's U-Net on sparse and dense annotations and export it to ONNX."""
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:  # the inference install has no torch
+        _fail("wsiseg-train needs the training extra: pip install 'wsiseg[train]'", 2)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
 

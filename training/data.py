@@ -15,15 +15,16 @@ the model mpp on demand. Three sources:
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 from skimage.io import imread
 from skimage.transform import rescale, resize
 
-from .annotations import read_annotations, rasterize
+from .annotations import rasterize, read_annotations
 
 Mapping_ = Callable[[np.ndarray, Mapping[str, str]], np.ndarray]
 
@@ -176,7 +177,7 @@ class TrainingData:
             s.close()
         self._slides = []
 
-    def __enter__(self) -> "TrainingData":
+    def __enter__(self) -> TrainingData:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import Config, ConfigError, SetSection
-from .data import (Item, TrainingData, load_pairs, load_slide_item, threshold_mapping,
-                   value_mapping)
+from .data import Item, TrainingData, load_pairs, load_slide_item, threshold_mapping, value_mapping
 
 
 def class_values(cfg: Config) -> dict[str, int]:
