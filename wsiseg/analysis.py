@@ -154,7 +154,7 @@ def analyse_map(map_path: str | Path, *, options: AnalysisOptions = AnalysisOpti
         write_geojson(outputs["geojson"], features)
         section["outputs"]["geojson"] = str(outputs["geojson"])
     if options.preview:
-        k = info.coarsest_level_within(options.preview_um)
+        k = info.coarsest_level_within(thumbnail[1] if thumbnail else options.preview_um)
         labels = read_level(info.path, level=k)
         if thumbnail is None:
             rgb, rgb_mpp = np.full((*labels.shape, 3), 255, np.uint8), info.level_mpp(k)

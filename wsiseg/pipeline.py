@@ -163,6 +163,12 @@ def thumbnail_mpp(slide: Slide, options: SegmentOptions, max_px: float = 4e6) ->
     return max(options.thumbnail_mpp, (area_um2 / max_px) ** 0.5)
 
 
+def preview_mpp(slide: Slide, long_px: int = 900) -> float:
+    """Resolution at which the slide's longer side spans about ``long_px`` preview pixels."""
+    w, h = slide.info.l0_size
+    return max(slide.info.mpp, max(w, h) * slide.info.mpp / long_px)
+
+
 def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model | str | Path,
                   options: SegmentOptions = SegmentOptions(), report_path: str | Path | None = None,
                   analysis: AnalysisOptions | None = AnalysisOptions(),
@@ -200,6 +206,10 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
             plan.out_shape, None if options.tissue is None else mask,
             border_px=c.border_px, multiple=c.size_multiple, smallest_px=c.tile_px)
         check_tile_px(model, tile_px)
+        preview = (thumb, thumb_mpp)
+        if analysis and analysis.preview and preview_mpp(slide) < 0.75 * thumb_mpp:
+            rgb, _, rgb_mpp = slide.thumbnail(preview_mpp(slide))  # a small slide: finer
+            preview = (rgb, rgb_mpp)
         all_tiles = tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px)
         tiles = all_tiles if options.tissue is None else \
             tiles_on_mask(all_tiles, mask, out_shape=plan.out_shape)
@@ -231,7 +241,7 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
                             description={**description, "kind": "class probabilities x255"})
             timing["write_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    section = analyse_map(out_path, options=analysis, thumbnail=(thumb, thumb_mpp),
+    section = analyse_map(out_path, options=analysis, thumbnail=preview,
                           outputs=outputs, counts=counts) if analysis else {}
     timing["analysis_s"] = time.perf_counter() - t0
 
