@@ -148,3 +148,35 @@ def test_usage_error_exit_2(tmp_path):
     assert run("segment", tmp_path / "x.svs").exit_code == 2  # no -o
     assert run("segment", tmp_path / "x.svs", "-o", tmp_path / "o.tif",
                "--device", "tpu").exit_code == 2
+
+
+def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path):
+    """SIGINT to a running `wsiseg segment`: exit code 130, one line, no output files and no
+    temporary canvas left in the output folder."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from onnx_models import box_filter_model
+    from synth import make_slide, make_tissue_rgb
+
+    rgb, _ = make_tissue_rgb(1500, 1500, np.random.default_rng(3), n_blobs=8)
+    slide = tmp_path / "s.tif"
+    make_slide(slide, rgb, mpp=2.0, levels=2)
+    model = box_filter_model(tmp_path / "box.onnx", depth=8)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cmd = [sys.executable, "-m", "wsiseg.cli", "segment", str(slide), "-o",
+           str(out_dir / "m.tif"), "--model", str(model), "--tile-px", "32", "--no-tissue-mask"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".wsiseg-") for p in out_dir.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(out_dir.iterdir()) == []

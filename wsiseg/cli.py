@@ -295,3 +295,7 @@ def report(map_path: Path, slide: Path | None, mpp: float | None, no_tsr: bool, 
         thumbnail = (rgb, thumb_mpp)
     section = analyse_map(map_path, options=options, thumbnail=thumbnail, outputs=outputs)
     click.echo(json.dumps(section, indent=2))
+
+
+if __name__ == "__main__":
+    main()
