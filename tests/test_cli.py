@@ -42,6 +42,12 @@ def test_info_real_slide(slides_dir):
     assert data["read_plan"]["out_shape"] == [round(2967 * 0.499), round(2220 * 0.499)]
     r = run("info", slides_dir / "tcga-cr-7395-01a-01-ts1.svs", "--mpp", "0.5")
     assert r.exit_code == 0 and "level 1" in r.output
+    # Without --mpp, info still describes the slide and says what segment will need.
+    r = run("info", slides_dir / "tcga-cr-7395-01a-01-ts1.svs")
+    assert r.exit_code == 0 and "unknown" in r.output and "needs --mpp" in r.output
+    data = json.loads(run("info", slides_dir / "tcga-cr-7395-01a-01-ts1.svs", "--json").output)
+    assert data["slide"]["mpp"] is None and data["read_plan"] is None
+    assert data["slide"]["levels"] == [[4443, 3567], [2221, 1783]]
 
 
 def test_segment_cmu_small_region(slides_dir, model_1um, tmp_path):

@@ -90,18 +90,23 @@ def info(slide: Path, mpp: float | None, model: Path | None, as_json: bool) -> N
     if model is not None:
         from .engine import load_model
         target_mpp = load_model(model, device="cpu").contract.mpp
-    with Slide(slide, mpp=mpp) as s:
-        plan = s.plan(target_mpp)
-        data = {"slide": s.info.to_dict(), "model_mpp": target_mpp, "read_plan": plan.to_dict()}
+    with Slide(slide, mpp=mpp, require_mpp=False) as s:
+        known = s.info.mpp_source != "missing"
+        data = {"slide": s.info.to_dict(), "model_mpp": target_mpp,
+                "read_plan": s.plan(target_mpp).to_dict() if known else None}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     i = data["slide"]
     click.echo(f"{slide}\n  vendor      {i['vendor']}\n  size        {i['width_px']} x "
-               f"{i['height_px']} px\n  mpp         {i['mpp']:.4g} um/px ({i['mpp_source']})")
+               f"{i['height_px']} px\n  mpp         "
+               + (f"{i['mpp']:.4g} um/px ({i['mpp_source']})" if known else "unknown"))
     for k, (lvl, ds) in enumerate(zip(i["levels"], i["level_downsamples"])):
         click.echo(f"  level {k}     {lvl[0]} x {lvl[1]} px, downsample {ds:.4g}")
     p = data["read_plan"]
+    if p is None:
+        click.echo("  the slide does not record its pixel size: segment needs --mpp")
+        return
     how = (f"resampled by {p['level_px_per_out_px']:.4g}" if p["resampled"] else "as is")
     click.echo(f"  at {target_mpp:g} um/px: level {p['level']} {how} -> "
                f"{p['out_shape'][1]} x {p['out_shape'][0]} px map (mpp {p['mpp']:.4g})")

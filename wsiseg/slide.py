@@ -48,14 +48,15 @@ class SlideInfo:
     l0_size: tuple[int, int]  # (w, h) as OpenSlide reports it
     level_sizes: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
-    mpp: float  # level-0 microns per pixel (mean of x and y)
+    mpp: float  # level-0 microns per pixel (mean of x and y); nan if unknown
     mpp_source: str
     background_rgb: tuple[int, int, int]
 
     def to_dict(self) -> dict:
         return {"path": self.path, "vendor": self.vendor, "width_px": self.l0_size[0],
                 "height_px": self.l0_size[1], "levels": [list(s) for s in self.level_sizes],
-                "level_downsamples": list(self.level_downsamples), "mpp": self.mpp,
+                "level_downsamples": list(self.level_downsamples),
+                "mpp": None if math.isnan(self.mpp) else self.mpp,
                 "mpp_source": self.mpp_source, "background_rgb": list(self.background_rgb)}
 
 
@@ -113,7 +114,8 @@ def _background(props: dict[str, str]) -> tuple[int, int, int]:
 class Slide:
     """An open slide (context manager). Reads are thread-safe (OpenSlide's handle is)."""
 
-    def __init__(self, path: str | Path, *, mpp: float | None = None) -> None:
+    def __init__(self, path: str | Path, *, mpp: float | None = None,
+                 require_mpp: bool = True) -> None:
         path = Path(path)
         if not path.exists():
             raise SlideNotFound(f"slide not found: {path}")
@@ -137,16 +139,18 @@ class Slide:
             found: tuple[float, str] | None = (float(mpp), "override")
         else:
             found = _mpp_from_properties(props)
-        if found is None:
-            self._osr.close()
-            raise MppMissing(f"{path.name} does not record its pixel size; pass it with --mpp "
+        self._mpp_message = (f"{path.name} does not record its pixel size; pass it with --mpp "
                              "(microns per pixel at level 0, e.g. --mpp 0.25 for 40x, 0.5 for 20x)")
+        if found is None and require_mpp:
+            self._osr.close()
+            raise MppMissing(self._mpp_message)
         self.info = SlideInfo(
             path=str(path), vendor=props.get("openslide.vendor", "generic"),
             l0_size=tuple(self._osr.dimensions),  # type: ignore[arg-type]
             level_sizes=tuple(tuple(d) for d in self._osr.level_dimensions),  # type: ignore[misc]
             level_downsamples=tuple(float(d) for d in self._osr.level_downsamples),
-            mpp=found[0], mpp_source=found[1], background_rgb=_background(props))
+            mpp=found[0] if found else math.nan, mpp_source=found[1] if found else "missing",
+            background_rgb=_background(props))
 
     # -- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -161,6 +165,8 @@ class Slide:
     # -- planning ------------------------------------------------------------------------------
     def plan(self, mpp: float) -> ReadPlan:
         """Choose the level and resampling that give a grid of ``mpp`` microns per pixel."""
+        if math.isnan(self.info.mpp):
+            raise MppMissing(self._mpp_message)
         want = mpp / self.info.mpp  # level-0 pixels per output pixel
         level = 0
         for k, ds in enumerate(self.info.level_downsamples):
