@@ -65,7 +65,7 @@ def tsr_text_lines(tsr: Any) -> list[str]:
              f"TSR whole tumour: {whole.tsr_pct:.0f}% (score {whole.score_pct}%)"
              if whole else f"TSR whole tumour: none - {tsr.whole_reason}"]
     if fields.count:
-        lines.append(f"Eligible fields ({fields.centres_mm2:.0f} mm2 of centres): min "
+        lines.append(f"Eligible fields ({fields.centres_mm2:.2g} mm2 of centres): min "
                      f"{fields.min_pct:.0f}%, median {fields.median_pct:.0f}%, "
                      f"max {fields.max_pct:.0f}%")
     lines.append(f"Field {tsr.config.field_diameter_um / 1000:g} mm; stroma = "
