@@ -168,3 +168,7 @@ def check_tile_px(model: Model, tile_px: int) -> None:
         hint = max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)
         raise ModelError(f"--tile-px {tile_px} must be a multiple of {c.size_multiple} and larger "
                          f"than {2 * c.border_px}; try {hint}")
+
+
+def versions() -> dict[str, str]:
+    return {"onnxruntime": ort.__version__}

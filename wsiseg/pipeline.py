@@ -22,15 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, engine
 from .analysis import AnalysisOptions, analyse_map, outputs_beside
 from .canvas import DiskCanvas, DiskStack
 from .contract import to_metadata
 from .engine import Model, check_tile_px, fixed_tile_px, load_model
 from .files import write_text_atomic
 from .slide import ReadPlan, Slide
+from .slide import versions as slide_versions
 from .tiling import Tile, choose_tile_px, computed_px_ratio, tile_grid, tiles_on_mask
 from .tissue import TissueParams, area_mm2, tissue_mask
+from .writer import version as writer_version
 from .writer import write_pyramid, write_stack
 
 log = logging.getLogger(__name__)
@@ -274,10 +276,6 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
 
 
 def software_versions() -> dict[str, str]:
-    import onnxruntime
-    import openslide
-    import tifffile
     return {"wsiseg": __version__, "python": platform.python_version(),
-            "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
-            "openslide-python": openslide.__version__,
-            "openslide": openslide.__library_version__, "tifffile": tifffile.__version__}
+            "numpy": np.__version__, **engine.versions(), **slide_versions(),
+            "tifffile": writer_version()}

@@ -250,3 +250,7 @@ class Slide:
             rgbs.append(rgb)
             masks.append(scanned)
         return np.concatenate(rgbs), np.concatenate(masks), self.info.mpp * ds * step
+
+
+def versions() -> dict[str, str]:
+    return {"openslide-python": openslide.__version__, "openslide": openslide.__library_version__}
