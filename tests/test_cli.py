@@ -186,3 +186,10 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert list(out_dir.iterdir()) == []
+
+
+def test_inference_never_imports_torch():
+    import sys
+    code = ("import sys, wsiseg.cli, wsiseg.pipeline, wsiseg.analysis, wsiseg.batch; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
