@@ -20,6 +20,7 @@ Results go to stdout as JSON lines; benchmarks/RESULTS.md records runs with thei
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -49,26 +50,17 @@ def machine() -> str:
 
 def speed(args: argparse.Namespace) -> dict:
     from wsiseg.engine import load_model
-    from wsiseg.pipeline import SegmentOptions, segment_slide, thumbnail_mpp
+    from wsiseg.pipeline import SegmentOptions, plan_tiles, segment_slide
     from wsiseg.slide import Slide
-    from wsiseg.tiling import choose_tile_px, tile_grid, tiles_on_mask
-    from wsiseg.tissue import TissueParams, tissue_mask
 
     model = load_model(args.model, device=args.device)
-    c = model.contract
     opts = SegmentOptions(tile_px=args.tile_px, batch_size=args.batch_size, device=args.device,
                           mpp=args.mpp, workers=args.workers)
     batch = opts.batch_size or 1
     with Slide(args.slide, mpp=args.mpp) as s:
-        plan = s.plan(c.mpp)
-        thumb, scanned, tmpp = s.thumbnail(thumbnail_mpp(s, opts))
-        mask = tissue_mask(thumb, scanned, mpp=tmpp, params=TissueParams())
-        tile_px = args.tile_px or choose_tile_px(plan.out_shape, mask, border_px=c.border_px,
-                                                 multiple=c.size_multiple, smallest_px=c.tile_px)
-        opts = SegmentOptions(**{**opts.to_dict(), "tile_px": tile_px,
-                                 "tissue": TissueParams()})
-        tiles = tiles_on_mask(tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px),
-                              mask, out_shape=plan.out_shape)
+        tp = plan_tiles(s, model, opts)
+        plan, tile_px, tiles = tp.plan, tp.tile_px, tp.tiles
+        opts = dataclasses.replace(opts, tile_px=tile_px)  # the same tiles end to end
         t0 = time.perf_counter()
         pixels = [s.read(plan, t.out_row, t.out_col, tile_px, tile_px)[0] for t in tiles]
         read_s = time.perf_counter() - t0

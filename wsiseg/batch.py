@@ -173,11 +173,10 @@ def outputs_for(slide: Path, out_dir: Path, *, name: str | None = None) -> dict[
     """Output paths of one slide: ``map`` (``NAME.tif``), ``report`` (``NAME.json``, written
     last), ``csv``, ``geojson``, ``tsr`` (``NAME.tsr.tif``) and ``preview`` (``NAME.preview.png``).
     ``name`` defaults to :func:`safe_name`; a batch passes the one from :func:`output_names`."""
-    name = name or safe_name(slide)
-    out_dir = Path(out_dir)
-    return {"map": out_dir / f"{name}.tif", "report": out_dir / f"{name}.json",
-            "csv": out_dir / f"{name}.csv", "geojson": out_dir / f"{name}.geojson",
-            "tsr": out_dir / f"{name}.tsr.tif", "preview": out_dir / f"{name}.preview.png"}
+    from .analysis import outputs_beside  # the one place that names the analysis files
+    map_path = Path(out_dir) / f"{name or safe_name(slide)}.tif"
+    return {"map": map_path, "report": map_path.with_suffix(".json"),
+            **outputs_beside(map_path)}
 
 
 def is_complete(outputs: dict[str, Path]) -> bool:

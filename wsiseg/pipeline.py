@@ -157,6 +157,36 @@ def class_counts(canvas: DiskCanvas, n_values: int, chunk_px: int = 1 << 20) -> 
     return counts
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """What segment_slide will read: the read plan, the tissue mask and the tiles."""
+
+    plan: ReadPlan
+    thumb: np.ndarray
+    thumb_mpp: float
+    mask: np.ndarray
+    tile_px: int
+    all_tiles: list[Tile]
+    tiles: list[Tile]  # those run (on tissue, unless the mask is off)
+
+
+def plan_tiles(slide: Slide, model: Model, options: SegmentOptions) -> TilePlan:
+    """Thumbnail → tissue mask → tile size → tiles on tissue, for ``model`` on ``slide``."""
+    c = model.contract
+    plan = slide.plan(c.mpp)
+    thumb, scanned, thumb_mpp = slide.thumbnail(thumbnail_mpp(slide, options))
+    mask = scanned if options.tissue is None else \
+        tissue_mask(thumb, scanned, mpp=thumb_mpp, params=options.tissue)
+    tile_px = options.tile_px or fixed_tile_px(model) or choose_tile_px(
+        plan.out_shape, None if options.tissue is None else mask,
+        border_px=c.border_px, multiple=c.size_multiple, smallest_px=c.tile_px)
+    check_tile_px(model, tile_px)
+    all_tiles = tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px)
+    tiles = all_tiles if options.tissue is None else \
+        tiles_on_mask(all_tiles, mask, out_shape=plan.out_shape)
+    return TilePlan(plan, thumb, thumb_mpp, mask, tile_px, all_tiles, tiles)
+
+
 def thumbnail_mpp(slide: Slide, options: SegmentOptions, max_px: float = 4e6) -> float:
     """``options.thumbnail_mpp``, coarsened so that the thumbnail holds at most ``max_px``
     pixels (tissue detection and the preview then cost the same on any slide)."""
@@ -198,23 +228,13 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
     batch_size = options.batch_size or (4 if on_gpu else 1)
 
     with Slide(slide_path, mpp=options.mpp) as slide:
-        plan = slide.plan(c.mpp)
-        thumb, scanned, thumb_mpp = slide.thumbnail(thumbnail_mpp(slide, options))
-        if options.tissue is None:
-            mask = scanned
-        else:
-            mask = tissue_mask(thumb, scanned, mpp=thumb_mpp, params=options.tissue)
-        tile_px = options.tile_px or fixed_tile_px(model) or choose_tile_px(
-            plan.out_shape, None if options.tissue is None else mask,
-            border_px=c.border_px, multiple=c.size_multiple, smallest_px=c.tile_px)
-        check_tile_px(model, tile_px)
+        tp = plan_tiles(slide, model, options)
+        plan, thumb, thumb_mpp, mask = tp.plan, tp.thumb, tp.thumb_mpp, tp.mask
+        tile_px, all_tiles, tiles = tp.tile_px, tp.all_tiles, tp.tiles
         preview = (thumb, thumb_mpp)
         if analysis and analysis.preview and preview_mpp(slide) < 0.75 * thumb_mpp:
             rgb, _, rgb_mpp = slide.thumbnail(preview_mpp(slide))  # a small slide: finer
             preview = (rgb, rgb_mpp)
-        all_tiles = tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px)
-        tiles = all_tiles if options.tissue is None else \
-            tiles_on_mask(all_tiles, mask, out_shape=plan.out_shape)
         log.info("%s: %d of %d tiles of %dpx hold tissue", Path(slide_path).name, len(tiles),
                  len(all_tiles), tile_px)
         if on_start:

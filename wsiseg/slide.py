@@ -192,6 +192,8 @@ class Slide:
         except openslide.OpenSlideError as e:
             raise SlideError(f"{Path(self.info.path).name}: reading failed near level-0 "
                              f"(x={l0_x}, y={l0_y}) (corrupt or truncated file?): {e}") from None
+        if rgba[..., 3].min() == 255:  # fully scanned (the usual case): nothing to composite
+            return np.ascontiguousarray(rgba[..., :3]), np.ones(rgba.shape[:2], bool)
         alpha = rgba[..., 3:4].astype(np.float32) / 255.0
         bg = np.asarray(self.info.background_rgb, np.float32)
         rgb = rgba[..., :3].astype(np.float32) * alpha + bg * (1.0 - alpha)
@@ -212,9 +214,11 @@ class Slide:
         lv_h = int(math.ceil(h * s)) + 2 * margin + 1
         lv_w = int(math.ceil(w * s)) + 2 * margin + 1
         rgb, scanned = self._read_level(plan.level, lv_r0, lv_c0, lv_h, lv_w)
-        src = rgb.astype(np.float32)
         if sigma > 0:
-            src = ndimage.gaussian_filter(src, sigma=(sigma, sigma, 0), truncate=4.0)
+            src = ndimage.gaussian_filter(rgb, sigma=(sigma, sigma, 0), truncate=4.0,
+                                          output=np.float32)
+        else:
+            src = rgb.astype(np.float32)
         rows = (np.arange(out_row, out_row + h) + 0.5) * s - 0.5 - lv_r0
         cols = (np.arange(out_col, out_col + w) + 0.5) * s - 0.5 - lv_c0
         # Bilinear sampling, done separably (rows, then columns): same result as a 2-D
