@@ -79,3 +79,27 @@ def test_size_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differ in size"):
         augment(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9), np.uint8), AugmentConfig(),
                 np.random.default_rng(0))
+
+
+def test_stain_ranges_scale_the_eosin_amount():
+    """hed_e_range = (2, 2) doubles the eosin concentration and leaves haematoxylin alone."""
+    from skimage.color import rgb2hed
+
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.integers(150, 230, (32, 32)), rng.integers(60, 140, (32, 32)),
+                      rng.integers(150, 220, (32, 32))], axis=-1).astype(np.uint8)
+    cfg = AugmentConfig(**{**OFF, "hed": True}, probability=1.0, hed_sigma=0.0,
+                        hed_e_range=(2.0, 2.0))
+    out = augment(image, np.zeros((32, 32), np.uint8), cfg, np.random.default_rng(0))[0]
+    before, after = rgb2hed(image), rgb2hed(out)
+    assert after[..., 1].mean() / before[..., 1].mean() == pytest.approx(2.0, rel=0.05)
+    assert after[..., 0].mean() / before[..., 0].mean() == pytest.approx(1.0, rel=0.05)
+    plain = AugmentConfig(**{**OFF, "hed": True}, probability=1.0, hed_sigma=0.0)
+    same = augment(image, np.zeros((32, 32), np.uint8), plain, np.random.default_rng(0))[0]
+    assert np.median(np.abs(same.astype(int) - image)) <= 1    # HED round trip: no change
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 1.0), (2.0, 1.0), (1.0,)])
+def test_bad_stain_range(bounds):
+    with pytest.raises(ValueError, match="hed_e_range must be"):
+        AugmentConfig(hed_e_range=bounds)

@@ -116,3 +116,31 @@ def test_checkpoint_of_a_different_architecture(full_run):
     wider = dataclasses.replace(saved, model=dataclasses.replace(saved.model, width=6))
     with pytest.raises(CheckpointError, match="do not fit a U-Net of width 6"):
         load_weights(make_model(wider), ckpt["model"], wider)
+
+
+def test_grey_model_trains_exports_and_ignores_hue(config, tmp_path):
+    """model.colour = grey: the ONNX graph still takes RGB uint8 and sees only luminance."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from wsiseg.contract import from_metadata
+
+    train(load_config(config, ["train.epochs=1", "model.colour=grey", "train.export=true"]),
+          tmp_path)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    contract = from_metadata(session.get_modelmeta().custom_metadata_map)
+    assert contract.training["model"]["colour"] == "grey"
+    red = np.zeros((1, 3, 16, 16), np.uint8)
+    red[:, 0] = 200
+    grey = np.full((1, 3, 16, 16), round(200 * 0.299), np.uint8)   # same luma, no hue
+    a, b = (session.run(None, {"image": x})[0] for x in (red, grey))
+    assert a.shape[1] == len(contract.classes)
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+def test_bad_colour_is_a_config_error(config):
+    from wsiseg_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.colour must be rgb or grey"):
+        load_config(config, ["model.colour=hsv"])

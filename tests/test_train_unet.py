@@ -62,3 +62,23 @@ def test_uint8_and_float_inputs_agree():
 def test_bad_config():
     with pytest.raises(ValueError, match="norm must be one of"):
         UNetConfig(norm="layer")
+
+
+def test_grey_model_sees_only_luminance():
+    """Two inputs with the same BT.601 luminance but different hue give the same logits."""
+    model = build_model(UNetConfig(n_classes=3, width=4, depth=2, in_channels=1),
+                        colour="grey").eval()
+    a = torch.zeros(1, 3, 8, 8)
+    a[:, 0] = 200.0                                  # red: luma 0.299 * 200
+    b = torch.zeros(1, 3, 8, 8)
+    b[:, 1] = 200.0 * 0.299 / 0.587                  # green of the same luma
+    with torch.no_grad():
+        assert torch.allclose(model(a), model(b), atol=1e-5)
+        assert not torch.allclose(model(a), model(a * 0.5), atol=1e-3)
+
+
+def test_colour_and_channels_must_agree():
+    with pytest.raises(ValueError, match="needs in_channels=1"):
+        build_model(UNetConfig(n_classes=3, width=4, depth=2), colour="grey")
+    with pytest.raises(ValueError, match="colour must be one of"):
+        build_model(UNetConfig(n_classes=3, width=4, depth=2), colour="hsv")

@@ -36,9 +36,18 @@ class AugmentConfig:
     saturation: float = 0.15             # saturation scale in [1 - s, 1 + s]
     hed: bool = True
     hed_sigma: float = 0.05              # stain scale and shift jitter per HED channel
+    hed_h_range: tuple[float, float] = (1.0, 1.0)  # haematoxylin amount x [lo, hi] (log-uniform)
+    hed_e_range: tuple[float, float] = (1.0, 1.0)  # eosin amount x [lo, hi] (log-uniform):
+                                         # widens one lab's stain towards paler/pinker ones
     contrast: bool = True
     contrast_range: float = 0.2          # contrast scale in [1 - r, 1 + r]
     probability: float = 0.5             # chance of each non-trivial transform per patch
+
+    def __post_init__(self) -> None:
+        for name in ("hed_h_range", "hed_e_range"):
+            r = getattr(self, name)
+            if len(r) != 2 or not 0 < r[0] <= r[1]:
+                raise ValueError(f"{name} must be [low, high] with 0 < low <= high, got {list(r)}")
 
 
 def _warp_pair(image: np.ndarray, labels: np.ndarray, coords: np.ndarray):
@@ -96,6 +105,11 @@ def geometric(image: np.ndarray, labels: np.ndarray, cfg: AugmentConfig,
     return image, labels
 
 
+def _log_uniform(bounds: tuple[float, float], rng: np.random.Generator) -> float:
+    lo, hi = bounds
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) if hi > lo else float(lo)
+
+
 def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     x = image.astype(np.float32) / 255.0
     p = cfg.probability
@@ -104,6 +118,8 @@ def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
     if cfg.hed and rng.random() < p:
         hed = rgb2hed(np.clip(x, 0, 1))
         scale = rng.normal(1.0, cfg.hed_sigma, size=3)
+        scale[0] *= _log_uniform(cfg.hed_h_range, rng)
+        scale[1] *= _log_uniform(cfg.hed_e_range, rng)
         shift = rng.normal(0.0, cfg.hed_sigma, size=3) * np.abs(hed).max(axis=(0, 1))
         x = hed2rgb(hed * scale + shift).astype(np.float32)
     if cfg.hsv and rng.random() < p:

@@ -34,6 +34,7 @@ class ModelSection:
     width: int = 32
     depth: int = 5
     norm: str = "none"
+    colour: str = "rgb"                  # rgb | grey (the network sees luminance only)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)    # of RGB scaled to 0-1
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     border_px: int = 32                  # output pixels the engine discards at tile borders
@@ -183,6 +184,8 @@ def check(cfg: Config) -> None:
         if n and n not in names:
             raise ConfigError(f"class {n!r} is used in the config but not listed in "
                               f"model.classes {list(names)}")
+    if cfg.model.colour not in ("rgb", "grey"):
+        raise ConfigError(f"model.colour must be rgb or grey, got {cfg.model.colour!r}")
     m = 2 ** (cfg.model.depth - 1)
     if cfg.data.patch_px % m:
         raise ConfigError(f"data.patch_px {cfg.data.patch_px} must be a multiple of {m} for "

@@ -57,7 +57,8 @@ def training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
             "iterations": state["epoch"] * cfg["train"]["iterations"],
             "batch_size": cfg["train"]["batch_size"], "weighting": cfg["train"]["weighting"],
             "lr": cfg["train"]["lr"], "seed": cfg["train"]["seed"],
-            "model": {k: cfg["model"][k] for k in ("width", "depth", "norm")},
+            "model": {**{k: cfg["model"][k] for k in ("width", "depth", "norm")},
+                      "colour": cfg["model"].get("colour", "rgb")},
             "n_params": ckpt.get("n_params"),
             "val_dice": best.get("val_dice"),
             "val_dice_per_class": {k[5:]: v for k, v in best.items() if k.startswith("dice_")}}

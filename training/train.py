@@ -40,11 +40,13 @@ class CheckpointError(ValueError):
 
 def unet_config(cfg: Config) -> UNetConfig:
     m = cfg.model
-    return UNetConfig(n_classes=len(m.classes), width=m.width, depth=m.depth, norm=m.norm)
+    return UNetConfig(n_classes=len(m.classes), width=m.width, depth=m.depth, norm=m.norm,
+                      in_channels=1 if m.colour == "grey" else 3)
 
 
 def make_model(cfg: Config) -> torch.nn.Module:
-    return build_model(unet_config(cfg), mean=cfg.model.mean, std=cfg.model.std)
+    return build_model(unet_config(cfg), mean=cfg.model.mean, std=cfg.model.std,
+                       colour=cfg.model.colour)
 
 
 def select_device(name: str) -> torch.device:

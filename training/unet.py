@@ -135,27 +135,52 @@ def init_he(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+COLOURS = ("rgb", "grey")
+LUMA = (0.299, 0.587, 0.114)     # ITU-R BT.601 weights of R, G, B
+
+
 class Uint8Input(nn.Module):
     """Takes RGB 0-255 (uint8 or float), scales to 0-1 and normalises with mean/std.
+
+    With ``colour = "grey"`` the network sees only the luminance (BT.601 weights of the RGB
+    input, normalised with the mean of ``mean`` and ``std``): a model that cannot use hue has to
+    tell tissues apart by texture and brightness, which carries over better between labs'
+    stains. The input is RGB either way, so the engine's contract is the same.
 
     Training feeds float tensors with values 0-255; the exported graph takes uint8, so the
     engine passes raw pixels (contract ``input = "uint8"``).
     """
 
     def __init__(self, net: nn.Module, mean: tuple[float, float, float],
-                 std: tuple[float, float, float]) -> None:
+                 std: tuple[float, float, float], colour: str = "rgb") -> None:
         super().__init__()
+        if colour not in COLOURS:
+            raise ValueError(f"model.colour must be one of {', '.join(COLOURS)}, got {colour!r}")
         self.net = net
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.grey = colour == "grey"
+        m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        if self.grey:
+            m, s = m.mean(dim=1, keepdim=True), s.mean(dim=1, keepdim=True)
+        self.register_buffer("mean", m)
+        self.register_buffer("std", s)
+        self.register_buffer("luma", torch.tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x.to(torch.float32) - self.mean) / self.std)
+        x = x.to(torch.float32)
+        if self.grey:
+            x = (x * self.luma).sum(dim=1, keepdim=True)
+        return self.net((x - self.mean) / self.std)
 
 
 def build_model(cfg: UNetConfig, mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
-                std: tuple[float, float, float] = (0.25, 0.25, 0.25)) -> Uint8Input:
-    return Uint8Input(UNet(cfg), mean, std)
+                std: tuple[float, float, float] = (0.25, 0.25, 0.25),
+                colour: str = "rgb") -> Uint8Input:
+    """``cfg.in_channels`` must be 1 for ``colour = "grey"`` and 3 for ``"rgb"``."""
+    want = 1 if colour == "grey" else 3
+    if cfg.in_channels != want:
+        raise ValueError(f"colour {colour!r} needs in_channels={want}, got {cfg.in_channels}")
+    return Uint8Input(UNet(cfg), mean, std, colour)
 
 
 def count_parameters(module: nn.Module) -> int:
