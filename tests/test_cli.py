@@ -39,7 +39,10 @@ def test_info_real_slide(slides_dir):
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert data["slide"]["mpp"] == pytest.approx(0.499)
-    assert data["read_plan"]["out_shape"] == [round(2967 * 0.499), round(2220 * 0.499)]
+    # 0.499 -> 1 um/px is within 3 % of a factor 2: 2 x 2 means, map at 0.998 um/px
+    assert data["read_plan"]["out_shape"] == [2967 // 2, 2220 // 2]
+    assert data["read_plan"]["box"] == 2 and data["read_plan"]["mpp"] == pytest.approx(0.998)
+    assert "averaged over 2x2 px" in run("info", slides_dir / "CMU-1-Small-Region.svs").output
     r = run("info", slides_dir / "tcga-cr-7395-01a-01-ts1.svs", "--mpp", "0.5")
     assert r.exit_code == 0 and "level 1" in r.output
     # Without --mpp, info still describes the slide and says what segment will need.
@@ -56,16 +59,16 @@ def test_segment_cmu_small_region(slides_dir, model_1um, tmp_path):
             "--model", model_1um, "--tile-px", "512")
     assert r.exit_code == 0, r.output
     with openslide.OpenSlide(str(out)) as osr:
-        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(1.0)
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.998)
         w, h = osr.dimensions
-        assert abs(w - 2220 * 0.499) <= 1 and abs(h - 2967 * 0.499) <= 1
+        assert (w, h) == (2220 // 2, 2967 // 2)
         assert osr.level_count >= 2
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["slide"]["mpp_source"] == "openslide.mpp-x"
-    assert report["map"]["read_plan"]["resampled"] is True
+    assert report["map"]["read_plan"]["method"] == "2x2 mean"
     areas = report["class_area_mm2"]
     assert areas["tumour"] > 0 and areas["stroma"] > 0  # the colour rule finds both on H&E
-    assert sum(areas.values()) == pytest.approx(w * h / 1e6, rel=1e-6)
+    assert sum(areas.values()) == pytest.approx(w * h * 0.998**2 / 1e6, rel=1e-6)
 
 
 @pytest.mark.skipif(not shutil.which("vips") or not shutil.which("tiffinfo"),

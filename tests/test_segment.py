@@ -91,6 +91,37 @@ def test_tiled_equals_whole_region_with_resampling(tmp_path):
     np.testing.assert_array_equal(tiled, reference)
 
 
+def test_integer_factor_reads_are_block_means_and_tiles_match_the_whole(tmp_path):
+    """A slide at 0.99 um/px read for a 2 um/px model: within 3 % of factor 2, so each output
+    pixel is the rounded mean of a 2 x 2 block, the map's mpp is 1.98, and tiles through the
+    pipeline equal one pass over the whole region."""
+    rng = np.random.default_rng(3)
+    rgb, _ = make_tissue_rgb(300, 250, rng, n_blobs=5, noise=25.0)
+    slide_path = tmp_path / "s.tif"
+    make_slide(slide_path, rgb, mpp=0.99, levels=1, tile_px=64)
+    with Slide(slide_path) as s:
+        plan = s.plan(2.0)
+        assert (plan.box, plan.mpp, plan.out_shape) == (2, pytest.approx(1.98), (150, 125))
+        assert not plan.resampled and plan.method == "2x2 mean"
+        got, scanned = s.read(plan, 10, 20, 40, 30)
+    block = rgb[20:100, 40:100].reshape(40, 2, 30, 2, 3).astype(np.uint32).sum(axis=(1, 3))
+    np.testing.assert_array_equal(got, (block + 2) // 4)
+    assert scanned.all()
+
+    model_path = box_filter_model(tmp_path / "box.onnx", depth=8)
+    out = tmp_path / "map.tif"
+    report = segment_slide(slide_path, out, model=model_path,
+                           options=SegmentOptions(tile_px=48, tissue=None, batch_size=3))
+    assert report["map"]["mpp"] == pytest.approx(1.98)
+    model = load_model(model_path, device="cpu")
+    b = model.contract.border_px
+    with Slide(slide_path) as s:
+        whole, _ = s.read(plan, -b, -b, 150 + 2 * b, 125 + 2 * b)
+    reference = (model.run(whole[None])[0].argmax(axis=0) + 1).astype(np.uint8)[b:-b, b:-b]
+    assert len(np.unique(reference)) == 3
+    np.testing.assert_array_equal(read_level(out, level=0), reference)
+
+
 def test_blank_slide_gives_all_background(tmp_path, colour_model):
     slide_path = tmp_path / "blank.tif"
     make_slide(slide_path, np.full((200, 260, 3), 250, np.uint8), mpp=2.0, levels=2)

@@ -107,7 +107,8 @@ def info(slide: Path, mpp: float | None, model: Path | None, as_json: bool) -> N
     if p is None:
         click.echo("  the slide does not record its pixel size: segment needs --mpp")
         return
-    how = (f"resampled by {p['level_px_per_out_px']:.4g}" if p["resampled"] else "as is")
+    how = (f"resampled by {p['level_px_per_out_px']:.4g}" if p["resampled"] else
+           f"averaged over {p['box']}x{p['box']} px" if p["box"] > 1 else "as is")
     click.echo(f"  at {target_mpp:g} um/px: level {p['level']} {how} -> "
                f"{p['out_shape'][1]} x {p['out_shape'][0]} px map (mpp {p['mpp']:.4g})")
 

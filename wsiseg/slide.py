@@ -7,9 +7,12 @@ grid at the target mpp.
 
 Reading at a target mpp: the nearest level at least as fine as the target is chosen; when its
 downsample matches the needed one within ``LEVEL_TOLERANCE`` the level is read as is (the
-effective mpp is then the level's own), otherwise the level is resampled onto the target grid
-(Gaussian anti-aliasing, then bilinear sampling at globally defined positions, so that a tile
-read gives exactly the same pixels as the same area of a whole-region read).
+effective mpp is then the level's own). When the needed factor is within the same tolerance of
+an integer k (0.25 or 0.5 um/px slides read at 1 um/px), k x k blocks of the level are averaged
+(exact, cheap, and again the effective mpp is the level's times k). Otherwise the level is
+resampled onto the target grid (Gaussian anti-aliasing, then bilinear sampling at globally
+defined positions). Every path gives a tile exactly the pixels of the same area of a
+whole-region read.
 """
 
 from __future__ import annotations
@@ -68,14 +71,23 @@ class ReadPlan:
     scale: float  # level pixels per output pixel (1.0 = read as is)
     mpp: float  # effective microns per output pixel
     out_shape: tuple[int, int]  # (rows, cols) of the whole slide on the output grid
+    box: int = 1  # > 1: each output pixel is the mean of box x box level pixels (scale == box)
 
     @property
     def resampled(self) -> bool:
-        return self.scale != 1.0
+        """Interpolated onto a grid that is not an integer subsampling of the level."""
+        return self.scale != 1.0 and self.box == 1
+
+    @property
+    def method(self) -> str:
+        if self.box > 1:
+            return f"{self.box}x{self.box} mean"
+        return "resampled" if self.resampled else "as is"
 
     def to_dict(self) -> dict:
         return {"level": self.level, "level_px_per_out_px": self.scale, "mpp": self.mpp,
-                "out_shape": list(self.out_shape), "resampled": self.resampled}
+                "out_shape": list(self.out_shape), "resampled": self.resampled,
+                "box": self.box, "method": self.method}
 
 
 def _mpp_from_properties(props: dict[str, str]) -> tuple[float, str] | None:
@@ -177,6 +189,10 @@ class Slide:
         if abs(ds / want - 1) <= LEVEL_TOLERANCE:
             return ReadPlan(level=level, scale=1.0, mpp=self.info.mpp * ds, out_shape=(lh, lw))
         scale = want / ds
+        k = round(scale)
+        if k >= 2 and abs(scale / k - 1) <= LEVEL_TOLERANCE:
+            return ReadPlan(level=level, scale=float(k), mpp=self.info.mpp * ds * k,
+                            out_shape=(max(1, lh // k), max(1, lw // k)), box=k)
         w0, h0 = self.info.l0_size
         return ReadPlan(level=level, scale=scale, mpp=mpp,
                         out_shape=(max(1, round(h0 / want)), max(1, round(w0 / want))))
@@ -203,6 +219,14 @@ class Slide:
              ) -> tuple[np.ndarray, np.ndarray]:
         """Read an (h, w) window of the output grid; areas outside the slide come back as
         background with ``scanned`` False. Returns (rgb uint8 (h, w, 3), scanned bool (h, w))."""
+        if plan.box > 1:
+            k = plan.box
+            rgb, scanned = self._read_level(plan.level, out_row * k, out_col * k, h * k, w * k)
+            total = rgb.reshape(h, k, w, k, 3).sum(axis=(1, 3), dtype=np.uint32)
+            mean = ((total + (k * k) // 2) // (k * k)).astype(np.uint8)
+            # scanned where most of the block was
+            ok = scanned.reshape(h, k, w, k).sum(axis=(1, 3)) * 2 > k * k
+            return mean, ok
         if not plan.resampled:
             return self._read_level(plan.level, out_row, out_col, h, w)
         s = plan.scale
