@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine.py speed --model MODEL.onnx [--slide SLIDE] [--mpp 0.5]
     python benchmarks/bench_engine.py memory [--large-px 60000]
+    python benchmarks/bench_engine.py reads [--slide SLIDE] [--target-mpp 1.0] [--tile-px 512]
 
 ``speed`` reads the tiles that ``wsiseg segment`` would run on a real slide, keeps them in
 memory and times the model alone on them (model-only), then times ``segment_slide`` on the same
@@ -13,6 +14,10 @@ ratio end-to-end / model-only and the pixels computed per output pixel.
 fraction of the area), segments each in a fresh process with a tiny colour-rule model and
 reports the peak resident memory of that process: the canvas is on disk, so the large slide
 should need about as much memory as the small one.
+
+``reads`` times reading the same tiles two ways on a slide whose factor to the target mpp is
+near an integer k: as k x k block means (what the planner chooses) and through the general
+resampler (Gaussian + bilinear), alternating rounds so that load on a shared machine hits both.
 
 Results go to stdout as JSON lines; benchmarks/RESULTS.md records runs with their machine.
 """
@@ -86,6 +91,34 @@ def speed(args: argparse.Namespace) -> dict:
         "ratio_total": round(model_s / t["total_s"], 3),
         "write_s": round(t["write_s"], 2), "machine": machine(),
     }
+
+
+def reads(args: argparse.Namespace) -> dict:
+    from wsiseg.slide import ReadPlan, Slide
+    from wsiseg.tiling import tile_grid
+
+    with Slide(args.slide, mpp=args.mpp) as s:
+        box = s.plan(args.target_mpp)
+        if box.box < 2:
+            raise SystemExit(f"{args.slide}: no integer factor to {args.target_mpp} um/px "
+                             f"(plan: {box.method})")
+        want = args.target_mpp / s.info.mpp / s.info.level_downsamples[box.level]
+        resample = ReadPlan(level=box.level, scale=want, mpp=args.target_mpp,
+                            out_shape=box.out_shape)
+        tiles = tile_grid(box.out_shape, tile_px=args.tile_px, border_px=32)
+        secs = {"box": [], "resample": []}
+        for _ in range(args.rounds):
+            for name, plan in (("box", box), ("resample", resample)):
+                t0 = time.perf_counter()
+                for t in tiles:
+                    s.read(plan, t.out_row, t.out_col, args.tile_px, args.tile_px)
+                secs[name].append(time.perf_counter() - t0)
+    per_tile = {k: 1e3 * min(v) / len(tiles) for k, v in secs.items()}
+    return {"bench": "reads", "slide": Path(args.slide).name, "tile_px": args.tile_px,
+            "tiles": len(tiles), "plan": box.method, "map_mpp": round(box.mpp, 4),
+            "box_ms_per_tile": round(per_tile["box"], 1),
+            "resample_ms_per_tile": round(per_tile["resample"], 1),
+            "speed_up": round(per_tile["resample"] / per_tile["box"], 2), "machine": machine()}
 
 
 def build_large_slide(path: Path, side_px: int, *, mpp: float, tissue_fraction: float) -> None:
@@ -175,8 +208,14 @@ def main() -> None:
     m.add_argument("--large-px", type=int, default=60000)
     m.add_argument("--tissue-fraction", type=float, default=0.05)
     m.add_argument("--tmp", default=None, help="folder for the synthetic slides")
+    r = sub.add_parser("reads")
+    r.add_argument("--slide", default=str(SLIDES / "CMU-1-Small-Region.svs"))
+    r.add_argument("--mpp", type=float)
+    r.add_argument("--target-mpp", type=float, default=1.0)
+    r.add_argument("--tile-px", type=int, default=512)
+    r.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    res = speed(args) if args.cmd == "speed" else memory(args)
+    res = {"speed": speed, "memory": memory, "reads": reads}[args.cmd](args)
     for r in res if isinstance(res, list) else [res]:
         print(json.dumps(r))
 

@@ -243,3 +243,17 @@ def test_default_tile_size_computes_fewest_pixels():
     mask = np.zeros((100, 100), bool)
     mask[10, 10] = True  # one speck of tissue: the smallest tile is cheapest
     assert choose_tile_px((20000, 20000), mask, border_px=32, multiple=16) == 384
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_block_mean_and_majority_match_a_plain_reshape(k):
+    from wsiseg.slide import _block_majority, _block_mean
+    rng = np.random.default_rng(k)
+    rgb = rng.integers(0, 256, (6 * k, 5 * k, 3), dtype=np.uint8)
+    ref = rgb.reshape(6, k, 5, k, 3).astype(np.float64).mean(axis=(1, 3))
+    got = _block_mean(rgb, k)
+    assert got.dtype == np.uint8 and np.abs(got - ref).max() <= 0.5 + 1e-9
+    mask = rng.random((6 * k, 5 * k)) < 0.5
+    want = mask.reshape(6, k, 5, k).sum(axis=(1, 3)) * 2 > k * k
+    np.testing.assert_array_equal(_block_majority(mask, k), want)
+    assert _block_majority(np.ones((2 * k, 2 * k), bool), k).all()

@@ -222,11 +222,7 @@ class Slide:
         if plan.box > 1:
             k = plan.box
             rgb, scanned = self._read_level(plan.level, out_row * k, out_col * k, h * k, w * k)
-            total = rgb.reshape(h, k, w, k, 3).sum(axis=(1, 3), dtype=np.uint32)
-            mean = ((total + (k * k) // 2) // (k * k)).astype(np.uint8)
-            # scanned where most of the block was
-            ok = scanned.reshape(h, k, w, k).sum(axis=(1, 3)) * 2 > k * k
-            return mean, ok
+            return _block_mean(rgb, k), _block_majority(scanned, k)
         if not plan.resampled:
             return self._read_level(plan.level, out_row, out_col, h, w)
         s = plan.scale
@@ -278,6 +274,30 @@ class Slide:
             rgbs.append(rgb)
             masks.append(scanned)
         return np.concatenate(rgbs), np.concatenate(masks), self.info.mpp * ds * step
+
+
+def _block_sum(a: np.ndarray, k: int, dtype: type) -> np.ndarray:
+    """Sum of k x k blocks, as k * k strided adds (several times faster than reshape + sum)."""
+    total = a[0::k, 0::k].astype(dtype)
+    for i in range(k):
+        for j in range(k):
+            if i or j:
+                total += a[i::k, j::k]
+    return total
+
+
+def _block_mean(rgb: np.ndarray, k: int) -> np.ndarray:
+    """Rounded mean of k x k blocks of a uint8 image whose sides are multiples of k."""
+    total = _block_sum(rgb, k, np.uint16 if k <= 16 else np.uint32)
+    return ((total + (k * k) // 2) // (k * k)).astype(np.uint8)
+
+
+def _block_majority(mask: np.ndarray, k: int) -> np.ndarray:
+    """True where more than half of a k x k block is True."""
+    h, w = mask.shape[0] // k, mask.shape[1] // k
+    if mask.all():
+        return np.ones((h, w), bool)
+    return _block_sum(mask, k, np.uint32) * 2 > k * k
 
 
 def versions() -> dict[str, str]:
