@@ -33,13 +33,16 @@ def test_preview_file_size_overlay_and_legend(tmp_path):
     img = make_preview(thumb, labels, colors=COLORS, names=NAMES, path=path, alpha=0.4,
                        skip_values=[3], text_lines=["TSR hot spot: 70%"])
     with Image.open(path) as png:
-        assert png.format == "PNG" and png.size == (300 + GAP_PX + 280, 200)
+        assert png.format == "PNG" and png.size == (2 * 300 + 2 * GAP_PX + 280, 200)
         assert (np.asarray(png.convert("RGB")) == img).all()
     expected = np.rint(0.6 * 100 + 0.4 * np.array(COLORS[0])).astype(np.uint8)
     assert img[60, 120].tolist() == expected.tolist()
     assert img[40, 80].tolist() == expected.tolist() and img[39, 80].tolist() == [100] * 3
     assert img[150, 250].tolist() == [100, 100, 100]  # background class is not coloured
-    legend = img[:, 300 + GAP_PX:]
+    classes = img[:, 300 + GAP_PX:600 + GAP_PX]        # the classes alone, full colour on white
+    assert classes[60, 120].tolist() == list(COLORS[0]) and classes[39, 80].tolist() == [255] * 3
+    assert classes[150, 250].tolist() == [255] * 3
+    legend = img[:, 600 + 2 * GAP_PX:]
     assert has_color(legend, COLORS[0])         # box of the class present
     assert not has_color(legend, COLORS[1])     # stroma is absent: not listed
 
@@ -51,8 +54,8 @@ def test_hotspot_circle_and_heat_map_panel(tmp_path):
     lut = tsr_lut()
     img = make_preview(thumb, labels, colors=COLORS, names=NAMES, path=tmp_path / "p.png",
                        hotspot_px=(120.0, 200.0, 30.0), tsr_map=tsr_map, lut=lut)
-    assert img.shape == (200, 2 * 300 + 2 * GAP_PX + 280, 3)
-    heat = img[:, 300 + GAP_PX:600 + GAP_PX]
+    assert img.shape == (200, 3 * 300 + 3 * GAP_PX + 280, 3)
+    heat = img[:, 600 + 2 * GAP_PX:900 + 2 * GAP_PX]
     base = 127 + 100 / 2  # grey of the lightened thumbnail
     expected = np.rint((1 - HEAT_ALPHA) * base + HEAT_ALPHA * lut[70].astype(float))
     assert heat[60, 120].tolist() == expected.astype(np.uint8).tolist()
@@ -61,7 +64,7 @@ def test_hotspot_circle_and_heat_map_panel(tmp_path):
         ring = panel[120, 200 + 26:200 + 31]            # right edge of the circle
         assert has_color(ring[None], (0, 0, 0)) and has_color(ring[None], (255, 255, 255))
         assert panel[120, 200].tolist() != [0, 0, 0]   # outline only
-    assert has_color(img[:, 600 + 2 * GAP_PX:], lut[100])  # colour bar in the legend
+    assert has_color(img[:, 900 + 3 * GAP_PX:], lut[100])  # colour bar in the legend
 
 
 def test_legend_taller_than_thumbnail_grows_the_image():
@@ -69,8 +72,8 @@ def test_legend_taller_than_thumbnail_grows_the_image():
     labels = np.arange(1, 4, dtype=np.uint8).repeat(10)[None].repeat(20, 0)
     img = make_preview(thumb, labels, colors=COLORS, names=NAMES,
                        text_lines=["a long line of text that has to wrap"] * 3)
-    assert img.shape[0] > 20 and img.shape[1] == 30 + GAP_PX + 280
-    assert (img[20:, :30] == 255).all()
+    assert img.shape[0] > 20 and img.shape[1] == 2 * 30 + 2 * GAP_PX + 280
+    assert (img[20:, :60 + GAP_PX] == 255).all()
 
 
 def test_helpers_and_text():

@@ -1,11 +1,11 @@
 """Preview PNG: slide thumbnail with the class overlay, legend, hot-spot circle and TSR text.
 
-Layout, left to right: the thumbnail with class colours blended in (``alpha``); optionally
-the TSR map as a heat-map over a grey copy of the thumbnail; a legend column with the TSR
-numbers, a colour box and name per class present, and the heat-map's colour bar. The
-thumbnail, the label map and the TSR map must cover the same area of the slide; the maps
-are resized to the thumbnail with nearest-neighbour sampling. Pillow draws in (x, y) =
-(column, row); the arguments here are in numpy (row, col) order.
+Layout, left to right: the thumbnail with class colours blended in (``alpha``); the classes
+alone in their full colours on white; optionally the TSR map as a heat-map over a grey copy of
+the thumbnail; a legend column with the TSR numbers, a colour box and name per class present,
+and the heat-map's colour bar. The thumbnail, the label map and the TSR map must cover the same
+area of the slide; the maps are resized to the thumbnail with nearest-neighbour sampling.
+Pillow draws in (x, y) = (column, row); the arguments here are in numpy (row, col) order.
 """
 
 from __future__ import annotations
@@ -38,6 +38,17 @@ def blend_classes(rgb: np.ndarray, labels: np.ndarray, colors: Sequence[Sequence
     out = rgb.astype(np.float32)
     out[show] = (1 - alpha) * out[show] + alpha * lut[labels[show]]
     return np.rint(out).astype(np.uint8)
+
+
+def class_panel(labels: np.ndarray, colors: Sequence[Sequence[int]], *,
+                skip_values: Sequence[int] = ()) -> np.ndarray:
+    """The classes in their full colours on white (unanalysed and skipped values stay white):
+    easier to read than the overlay when checking what a model does."""
+    lut = np.full((256, 3), 255, np.uint8)
+    lut[1:len(colors) + 1] = np.asarray(colors, np.uint8)
+    for v in skip_values:
+        lut[v] = 255
+    return lut[labels]
 
 
 def heat_map(rgb: np.ndarray, tsr_map: np.ndarray, lut: np.ndarray, *,
@@ -163,7 +174,8 @@ def make_preview(thumbnail_rgb: np.ndarray, labels: np.ndarray, *,
         raise ValueError("the heat-map needs both tsr_map and lut")
     h, w = rgb.shape[:2]
     lab = resize_nearest(np.asarray(labels), (h, w))
-    panels = [blend_classes(rgb, lab, colors, alpha=alpha, skip_values=skip_values)]
+    panels = [blend_classes(rgb, lab, colors, alpha=alpha, skip_values=skip_values),
+              class_panel(lab, colors, skip_values=skip_values)]
     if tsr_map is not None:
         panels.append(heat_map(rgb, np.asarray(tsr_map), np.asarray(lut)))
     present = np.flatnonzero(np.bincount(lab.ravel().astype(np.intp), minlength=len(names) + 1))
@@ -177,7 +189,7 @@ def make_preview(thumbnail_rgb: np.ndarray, labels: np.ndarray, *,
     height = max(h, _legend(None, 0, **kw))
     canvas = Image.new("RGB", (panels_w + GAP_PX + legend_width_px, height), _WHITE)
     draw = ImageDraw.Draw(canvas)
-    captions = ["tissue classes", "local TSR per field"]
+    captions = ["slide with classes", "tissue classes", "local TSR per field"]
     for i, panel in enumerate(panels):
         image = Image.fromarray(panel)
         panel_draw = ImageDraw.Draw(image)  # drawn on the panel so that it is clipped to it
