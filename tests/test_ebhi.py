@@ -197,7 +197,7 @@ def test_shipped_default_model_contract_and_output():
 
     path = ROOT / "models" / DEFAULT_MODEL_FILE
     assert path.is_file(), f"the default model {path.name} is missing from models/"
-    assert path.stat().st_size < 8 * 2 ** 20                  # the repository stays lean
+    assert path.stat().st_size < 16 * 2 ** 20                 # the repository stays lean
     assert (ROOT / "models" / "wsiseg-ebhi-unet.md").is_file()  # its model card
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     c = from_metadata(session.get_modelmeta().custom_metadata_map)
