@@ -156,7 +156,7 @@ def build_large_slide(path: Path, side_px: int, *, mpp: float, tissue_fraction: 
 _CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {tests!r})
-from wsiseg.pipeline import SegmentOptions, segment_slide, thumbnail_mpp
+from wsiseg.pipeline import SegmentOptions, segment_slide
 t = time.perf_counter()
 r = segment_slide({slide!r}, {out!r}, model={model!r}, options=SegmentOptions(tile_px=1024))
 print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

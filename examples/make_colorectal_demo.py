@@ -22,6 +22,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from wsiseg.slide import block_mean
+
 ROOT = Path(__file__).resolve().parents[1]
 GLASS = (242, 240, 243)          # the colour of empty glass on a bright-field scan
 GAP_PX = 24
@@ -63,13 +65,6 @@ def mosaic(rows: list[dict[str, str]], data: Path) -> np.ndarray:
     return out
 
 
-def halve(rgb: np.ndarray) -> np.ndarray:
-    h, w = rgb.shape[0] // 2 * 2, rgb.shape[1] // 2 * 2
-    x = rgb[:h, :w].astype(np.uint16)
-    return ((x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2] + 2) // 4).astype(
-        np.uint8)
-
-
 def write_slide(path: Path, rgb: np.ndarray, mpp: float) -> None:
     tmp = path.with_name(path.name + ".part")
     with tifffile.TiffWriter(tmp) as tw:
@@ -83,7 +78,8 @@ def write_slide(path: Path, rgb: np.ndarray, mpp: float) -> None:
                      software="wsiseg examples/make_colorectal_demo.py")
             if max(level.shape[:2]) < 512:
                 break
-            level, k = halve(level), k + 1
+            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
+            level, k = block_mean(level[:h, :w], 2), k + 1   # as wsiseg reads 2 x 2 blocks
     tmp.replace(path)
 
 

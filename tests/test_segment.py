@@ -247,11 +247,11 @@ def test_default_tile_size_computes_fewest_pixels():
 
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_block_mean_and_majority_match_a_plain_reshape(k):
-    from wsiseg.slide import _block_majority, _block_mean
+    from wsiseg.slide import _block_majority, block_mean
     rng = np.random.default_rng(k)
     rgb = rng.integers(0, 256, (6 * k, 5 * k, 3), dtype=np.uint8)
     ref = rgb.reshape(6, k, 5, k, 3).astype(np.float64).mean(axis=(1, 3))
-    got = _block_mean(rgb, k)
+    got = block_mean(rgb, k)
     assert got.dtype == np.uint8 and np.abs(got - ref).max() <= 0.5 + 1e-9
     mask = rng.random((6 * k, 5 * k)) < 0.5
     want = mask.reshape(6, k, 5, k).sum(axis=(1, 3)) * 2 > k * k

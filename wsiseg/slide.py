@@ -71,7 +71,12 @@ class ReadPlan:
     scale: float  # level pixels per output pixel (1.0 = read as is)
     mpp: float  # effective microns per output pixel
     out_shape: tuple[int, int]  # (rows, cols) of the whole slide on the output grid
-    box: int = 1  # > 1: each output pixel is the mean of box x box level pixels (scale == box)
+
+    @property
+    def box(self) -> int:
+        """k > 1 when the scale is the integer k: each output pixel is the mean of k x k level
+        pixels; 1 otherwise."""
+        return int(self.scale) if self.scale >= 2 and float(self.scale).is_integer() else 1
 
     @property
     def resampled(self) -> bool:
@@ -192,7 +197,7 @@ class Slide:
         k = round(scale)
         if k >= 2 and abs(scale / k - 1) <= LEVEL_TOLERANCE:
             return ReadPlan(level=level, scale=float(k), mpp=self.info.mpp * ds * k,
-                            out_shape=(max(1, lh // k), max(1, lw // k)), box=k)
+                            out_shape=(max(1, lh // k), max(1, lw // k)))
         w0, h0 = self.info.l0_size
         return ReadPlan(level=level, scale=scale, mpp=mpp,
                         out_shape=(max(1, round(h0 / want)), max(1, round(w0 / want))))
@@ -222,7 +227,7 @@ class Slide:
         if plan.box > 1:
             k = plan.box
             rgb, scanned = self._read_level(plan.level, out_row * k, out_col * k, h * k, w * k)
-            return _block_mean(rgb, k), _block_majority(scanned, k)
+            return block_mean(rgb, k), _block_majority(scanned, k)
         if not plan.resampled:
             return self._read_level(plan.level, out_row, out_col, h, w)
         s = plan.scale
@@ -286,7 +291,7 @@ def _block_sum(a: np.ndarray, k: int, dtype: type) -> np.ndarray:
     return total
 
 
-def _block_mean(rgb: np.ndarray, k: int) -> np.ndarray:
+def block_mean(rgb: np.ndarray, k: int) -> np.ndarray:
     """Rounded mean of k x k blocks of a uint8 image whose sides are multiples of k."""
     total = _block_sum(rgb, k, np.uint16 if k <= 16 else np.uint32)
     return ((total + (k * k) // 2) // (k * k)).astype(np.uint8)
