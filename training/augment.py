@@ -10,10 +10,11 @@ Images are ``[H, W, 3]`` uint8 RGB, labels ``[H, W]`` uint8.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.color import hed2rgb, hsv2rgb, rgb2hed, rgb2hsv
+from skimage.color import hed2rgb, hsv2rgb, lab2rgb, rgb2hed, rgb2hsv, rgb2lab
 from skimage.filters import gaussian
 from skimage.transform import warp
 
@@ -41,6 +42,15 @@ class AugmentConfig:
                                          # widens one lab's stain towards paler/pinker ones
     contrast: bool = True
     contrast_range: float = 0.2          # contrast scale in [1 - r, 1 + r]
+    # Whole-patch stain transfer in CIELAB (off by default): other labs' H&E differs from one
+    # lab's mostly in the mean lightness, redness (a*) and blueness (b*) of the tissue. With
+    # probability lab_probability the tissue's mean L*, a*, b* are moved to targets drawn
+    # uniformly from these ranges (a Reinhard-style transfer of the means; glass stays white).
+    lab: bool = False
+    lab_probability: float = 0.5
+    lab_l_target: tuple[float, float] = (40.0, 60.0)
+    lab_a_target: tuple[float, float] = (20.0, 45.0)
+    lab_b_target: tuple[float, float] = (-45.0, -5.0)
     probability: float = 0.5             # chance of each non-trivial transform per patch
 
     def __post_init__(self) -> None:
@@ -48,6 +58,10 @@ class AugmentConfig:
             r = getattr(self, name)
             if len(r) != 2 or not 0 < r[0] <= r[1]:
                 raise ValueError(f"{name} must be [low, high] with 0 < low <= high, got {list(r)}")
+        for name in ("lab_l_target", "lab_a_target", "lab_b_target"):
+            r = getattr(self, name)
+            if len(r) != 2 or not r[0] <= r[1]:
+                raise ValueError(f"{name} must be [low, high] with low <= high, got {list(r)}")
 
 
 def _warp_pair(image: np.ndarray, labels: np.ndarray, coords: np.ndarray):
@@ -133,7 +147,27 @@ def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
     if cfg.contrast and rng.random() < p:
         mean = x.mean(axis=(0, 1), keepdims=True)
         x = mean + (x - mean) * rng.uniform(1 - cfg.contrast_range, 1 + cfg.contrast_range)
+    if cfg.lab and rng.random() < cfg.lab_probability:
+        x = lab_transfer(x, (rng.uniform(*cfg.lab_l_target), rng.uniform(*cfg.lab_a_target),
+                             rng.uniform(*cfg.lab_b_target)))
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def lab_transfer(x: np.ndarray, target: tuple[float, float, float]) -> np.ndarray:
+    """RGB in [0, 1] whose tissue (L* < 85) has its mean L*, a*, b* moved to ``target``; each
+    pixel moves in proportion to how far it is from white, so glass stays near white."""
+    lab = rgb2lab(np.clip(x, 0, 1))
+    tissue = lab[..., 0] < 85
+    if tissue.sum() < 16:
+        return x
+    shift = np.asarray(target) - lab[tissue].mean(axis=0)
+    w = np.clip((95.0 - lab[..., 0]) / 20.0, 0, 1)[..., None]
+    lab = lab + w * shift
+    lab[..., 0] = np.clip(lab[..., 0], 0, 100)
+    with warnings.catch_warnings():  # out-of-gamut colours are clipped, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        rgb = lab2rgb(lab)
+    return np.clip(rgb, 0, 1).astype(np.float32)
 
 
 def augment(image: np.ndarray, labels: np.ndarray, cfg: AugmentConfig,

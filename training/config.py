@@ -72,6 +72,12 @@ class DataSection:
     class_weights: Mapping[str, float] = field(default_factory=dict)  # default: uniform
     jitter_px: int = -1                  # centre jitter; -1 = patch_px // 4
     val_patches: int = 64
+    # Context levers (training/sampling.py): a share of patches made of four quadrants from four
+    # places (stroma seen far from any gland, classes next to unrelated tissue), and a share cut
+    # down to one small window of tissue alone on glass (as a small tile of another lab is seen).
+    mosaic_p: float = 0.0
+    island_p: float = 0.0
+    island_px: tuple[int, int] = (48, 112)   # side of the kept window, uniform in [lo, hi]
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,14 @@ def check(cfg: Config) -> None:
                               f"model.classes {list(names)}")
     if cfg.model.colour not in ("rgb", "grey"):
         raise ConfigError(f"model.colour must be rgb or grey, got {cfg.model.colour!r}")
+    d = cfg.data
+    for key in ("mosaic_p", "island_p"):
+        if not 0 <= getattr(d, key) <= 1:
+            raise ConfigError(f"data.{key} must be a probability in [0, 1], got {getattr(d, key)}")
+    if d.island_p and (len(d.island_px) != 2
+                       or not 8 <= d.island_px[0] <= d.island_px[1] <= d.patch_px):
+        raise ConfigError(f"data.island_px must be [low, high] with 8 <= low <= high <= "
+                          f"data.patch_px ({d.patch_px}), got {list(d.island_px)}")
     m = 2 ** (cfg.model.depth - 1)
     if cfg.data.patch_px % m:
         raise ConfigError(f"data.patch_px {cfg.data.patch_px} must be a multiple of {m} for "

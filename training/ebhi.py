@@ -216,7 +216,7 @@ def mapping_for_set(s: Any, values: Mapping[str, int]):
             if key not in table:
                 raise ConfigError(f"data.sets: {s.foreground_column} = {key!r} has no {what} "
                                   f"class; add it to {sorted(table)}")
-            return values[table[key]]
+            return values[table[key]] if table[key] else 0   # "" = leave unannotated
         return f
 
     return ebhi_mapping(pick(s.foreground_map, "epithelium (foreground_map)"),

@@ -80,15 +80,45 @@ def extract(item: Item, row: int, col: int, size: int) -> tuple[np.ndarray, np.n
     return read_region(item, r0, c0, size), labels
 
 
+GLASS_RGB = (np.array([236, 232, 238]), np.array([252, 250, 252]))  # range of empty glass
+
+
+def mosaic(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """One patch from four equal (image, labels) quadrants, in reading order."""
+    (a, la), (b, lb), (c, lc), (d, ld) = parts
+    return (np.concatenate([np.concatenate([a, b], 1), np.concatenate([c, d], 1)], 0),
+            np.concatenate([np.concatenate([la, lb], 1), np.concatenate([lc, ld], 1)], 0))
+
+
+def island(image: np.ndarray, labels: np.ndarray, side_px: int, background: int,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Keep one ``side_px`` square window of the patch (at a random place) and replace the rest
+    by glass: a near-white colour with a little noise, labelled ``background`` (0 = unannotated).
+    The window's labels are kept: a class must not depend on tissue around it."""
+    h, w = labels.shape
+    side = min(side_px, h, w)
+    r0, c0 = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
+    glass = rng.integers(GLASS_RGB[0], GLASS_RGB[1] + 1).astype(np.int16)
+    out = np.clip(glass + rng.normal(0, 2.0, size=image.shape), 0, 255).astype(np.uint8)
+    lab = np.full_like(labels, background)
+    out[r0:r0 + side, c0:c0 + side] = image[r0:r0 + side, c0:c0 + side]
+    lab[r0:r0 + side, c0:c0 + side] = labels[r0:r0 + side, c0:c0 + side]
+    return out, lab
+
+
 class Sampler:
     """Draws augmented training batches from sparse and/or dense items."""
 
     def __init__(self, items: list[Item], *, patch_px: int, jitter_px: int,
                  sparse_dense_ratio: float, class_weights: dict[int, float] | None,
-                 augment_cfg: AugmentConfig | None, rng: np.random.Generator) -> None:
+                 augment_cfg: AugmentConfig | None, rng: np.random.Generator,
+                 mosaic_p: float = 0.0, island_p: float = 0.0,
+                 island_px: tuple[int, int] = (48, 112), background: int = 0) -> None:
         if not items:
             raise ValueError("no training items: check the training sets and their split")
         self.patch_px, self.jitter_px, self.augment_cfg = patch_px, jitter_px, augment_cfg
+        self.mosaic_p, self.island_p, self.island_px = mosaic_p, island_p, island_px
+        self.background = background
         self.groups = []
         for kind in ("sparse", "dense"):
             group = [it for it in items if it.annotation == kind]
@@ -113,9 +143,18 @@ class Sampler:
         """``images [n, 3, P, P]`` uint8 and ``labels [n, P, P]`` uint8."""
         images, labels = [], []
         for _, item, row, col in self.centers(n, rng):
-            img, lab = extract(item, row, col, self.patch_px)
+            if self.mosaic_p and rng.random() < self.mosaic_p:
+                half = self.patch_px // 2
+                others = [(it, r, c) for _, it, r, c in self.centers(3, rng)]
+                img, lab = mosaic([extract(it, r, c, half)
+                                   for it, r, c in [(item, row, col), *others]])
+            else:
+                img, lab = extract(item, row, col, self.patch_px)
             if self.augment_cfg is not None:
                 img, lab = augment(img, lab, self.augment_cfg, rng)
+            if self.island_p and rng.random() < self.island_p:  # glass is not colour-augmented
+                side = int(rng.integers(self.island_px[0], self.island_px[1] + 1))
+                img, lab = island(img, lab, side, self.background, rng)
             images.append(img.transpose(2, 0, 1))
             labels.append(lab)
         return np.stack(images), np.stack(labels)

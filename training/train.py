@@ -165,7 +165,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
                                      else cfg.data.patch_px // 4),
                           sparse_dense_ratio=cfg.data.sparse_dense_ratio,
                           class_weights={values[k]: w for k, w in cfg.data.class_weights.items()},
-                          augment_cfg=cfg.augment, rng=np.random.default_rng(cfg.train.seed + 1))
+                          augment_cfg=cfg.augment, rng=np.random.default_rng(cfg.train.seed + 1),
+                          mosaic_p=cfg.data.mosaic_p, island_p=cfg.data.island_p,
+                          island_px=cfg.data.island_px,
+                          background=values[cfg.model.background] if cfg.model.background else 0)
         val_x, val_y = validation_set(data.val, patch_px=cfg.data.patch_px,
                                       n_patches=cfg.data.val_patches, seed=cfg.train.seed + 2)
         log.info("%d train / %d val items, %d val patches, %s parameters, device %s",
