@@ -19,10 +19,9 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 
-from wsiseg.slide import block_mean
+from wsiseg.writer import write_rgb_pyramid
 
 ROOT = Path(__file__).resolve().parents[1]
 GLASS = (242, 240, 243)          # the colour of empty glass on a bright-field scan
@@ -65,24 +64,6 @@ def mosaic(rows: list[dict[str, str]], data: Path) -> np.ndarray:
     return out
 
 
-def write_slide(path: Path, rgb: np.ndarray, mpp: float) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with tifffile.TiffWriter(tmp) as tw:
-        level, k = rgb, 0
-        while True:
-            px_per_cm = 1e4 / (mpp * 2 ** k)
-            tw.write(level, photometric="rgb", tile=(256, 256), compression="zlib",
-                     predictor=True,
-                     compressionargs={"level": 9}, subfiletype=1 if k else 0, metadata=None,
-                     resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER",
-                     software="wsiseg examples/make_colorectal_demo.py")
-            if max(level.shape[:2]) < 512:
-                break
-            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
-            level, k = block_mean(level[:h, :w], 2), k + 1   # as wsiseg reads 2 x 2 blocks
-    tmp.replace(path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ebhi-seg")
@@ -93,7 +74,8 @@ def main() -> None:
         raise SystemExit(f"EBHI-Seg index not found at {index}; pass --data FOLDER")
     rows = pick(index)
     rgb = mosaic(rows, args.data)
-    write_slide(args.out, rgb, mpp=1.0)
+    write_rgb_pyramid(args.out, rgb, mpp=1.0,
+                      software="wsiseg examples/make_colorectal_demo.py")
     print(f"wrote {args.out} ({rgb.shape[1]} x {rgb.shape[0]} px at 1 um/px, "
           f"{args.out.stat().st_size / 1e6:.1f} MB) from {len(rows)} val crops of "
           f"{len({r['patient'] for r in rows})} patients")

@@ -122,3 +122,61 @@ def experiment(config: Path, out: Path, table: Path | None, plot_path: Path | No
     results = _run(run_experiment, cfg, exp, out)
     click.echo(_run(write_report, results, cfg, exp, table or out / "table.md",
                     plot_path or out / "plot.png"))
+
+
+@main.command("evaluate-ood")
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=Path("../shared/data"),
+              show_default=True, help="Folder holding ebhi-seg/ and kather-samples/.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Markdown table to write (the JSON results go beside it as .json).")
+@click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evenly spaced val crops per EBHI set (0 = all); for quick checks.")
+def evaluate_ood(models: tuple[Path, ...], data: Path, out: Path | None, limit: int) -> None:
+    """Out-of-distribution check of one or more ONNX MODELS through the engine: Kather 2016
+    tiles of another lab, EBHI-Seg val and lesion val, context-free windows (training/ood.py).
+    Prints a Markdown table with a column per model."""
+    from .ood import evaluate_ood as run_ood
+    from .ood import markdown
+
+    results = [_run(run_ood, m, data, limit=limit,
+                    progress=lambda s, m=m: click.echo(f"{m.name}: {s}", err=True))
+               for m in models]
+    table = markdown(results)
+    if out is not None:
+        _run(_write_text, out, table)
+        _run(_write_text, out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    click.echo(table)
+
+
+def _write_text(path: Path, text: str) -> None:
+    from wsiseg.files import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
+
+
+@main.command("calibrate-qc")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Write the calibrated model here (default: update MODEL in place).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config key (repeatable).")
+def calibrate_qc(model: Path, config: Path, output: Path | None,
+                 overrides: tuple[str, ...]) -> None:
+    """Store quality-control figures in MODEL's contract: the stain reference of CONFIG's
+    training pairs and confidence thresholds on its validation pairs (training/calibrate.py)."""
+    from .calibrate import calibrate, write_qc
+    from .sets import load_set
+
+    if not model.is_file():
+        _fail(f"model {model} not found", 2)
+    cfg = _run(load_config, config, list(overrides))
+    pairs = [s for s in cfg.data.sets if s.kind == "pairs"]
+    train = [it for s in pairs for it in _run(load_set, s, cfg, "train")]
+    val = [it for s in pairs for it in _run(load_set, s, cfg, "val")]
+    qc = _run(calibrate, model, train, val)
+    path = _run(write_qc, model, qc, output)
+    click.echo(f"wrote {path}", err=True)
+    click.echo(json.dumps(qc))

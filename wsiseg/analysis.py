@@ -27,6 +27,7 @@ from .contract import ModelContract, from_metadata
 from .files import write_text_atomic
 from .geojson import class_features, hotspot_feature, write_geojson
 from .preview import hotspot_circle_px, make_preview, tsr_text_lines
+from .qc import text_lines as qc_text_lines
 from .stats import class_stats_from_counts, csv_header, csv_row
 from .tsr import NO_DATA, TSRConfig, measure_tsr_with_contract, tsr_lut
 from .writer import count_values, level_shapes, read_description, read_level, write_pyramid
@@ -74,6 +75,7 @@ class MapInfo:
     slide_mpp: float  # level-0 microns per pixel of the slide the map was made from
     slide: str
     shapes: tuple[tuple[int, int], ...]
+    qc: dict = field(default_factory=dict)  # the run's quality-control block (wsiseg.qc)
 
     def level_mpp(self, level: int) -> float:
         return self.mpp * self.shapes[0][1] / self.shapes[level][1]
@@ -101,7 +103,8 @@ def read_map_info(path: Path) -> MapInfo:
         raise MapError(f"{path} does not record its pixel size (mpp); it cannot be measured")
     return MapInfo(path=path, contract=from_metadata(desc["contract"]), mpp=float(mpp),
                    slide_mpp=float(desc.get("slide_mpp") or mpp), slide=str(desc.get("slide", "")),
-                   shapes=tuple(level_shapes(path)))
+                   shapes=tuple(level_shapes(path)),
+                   qc=desc["qc"] if isinstance(desc.get("qc"), dict) else {})
 
 
 def analyse_map(map_path: str | Path, *, options: AnalysisOptions = AnalysisOptions(),
@@ -165,7 +168,8 @@ def analyse_map(map_path: str | Path, *, options: AnalysisOptions = AnalysisOpti
                      skip_values=background,
                      hotspot_px=hotspot_circle_px(hot, image_mpp=rgb_mpp) if hot else None,
                      text_lines=[f"{info.slide}  ({c.name} v{c.version})",
-                                 *(tsr_text_lines(tsr) if tsr is not None else [])],
+                                 *(tsr_text_lines(tsr) if tsr is not None else []),
+                                 *qc_text_lines(info.qc)],
                      tsr_map=tsr.tsr_map if tsr is not None else None,
                      lut=tsr_lut() if tsr is not None else None)
         section["outputs"]["preview"] = str(outputs["preview"])

@@ -210,6 +210,9 @@ def _segment_one(ctx: click.Context, *, slides, output, model, options, analysis
                                on_start=on_start, progress=progress)
     if not quiet:
         click.echo(_summary(output, report), err=True)
+    warning = qc_warning_line(report.get("qc", {}))
+    if warning:
+        click.echo(f"wsiseg: warning: {slides[0].name}: {warning}", err=True)
 
 
 def _segment_batch(ctx: click.Context, *, slides, output, model, options, analysis,
@@ -223,9 +226,13 @@ def _segment_batch(ctx: click.Context, *, slides, output, model, options, analys
 
     def process(slide: Path, outs: dict[str, Path]) -> None:
         with _progress(quiet, slide.name) as (on_start, progress):
-            segment_slide(slide, outs["map"], model=model, options=options, analysis=analysis,
-                          report_path=outs["report"], overwrite=True, on_start=on_start,
-                          progress=progress, outputs={k: outs[k] for k in OUTPUT_SUFFIXES})
+            report = segment_slide(slide, outs["map"], model=model, options=options,
+                                   analysis=analysis, report_path=outs["report"],
+                                   overwrite=True, on_start=on_start, progress=progress,
+                                   outputs={k: outs[k] for k in OUTPUT_SUFFIXES})
+        warning = qc_warning_line(report.get("qc", {}))
+        if warning:
+            click.echo(f"wsiseg: warning: {slide.name}: {warning}", err=True)
 
     statuses = run_batch(paths, output, process=process, overwrite=overwrite)
     counts = {k: sum(s.status == k for s in statuses) for k in ("ok", "skipped", FAILED)}
@@ -259,6 +266,11 @@ class _progress:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
+
+
+def qc_warning_line(qc: dict) -> str | None:
+    from .qc import warning_line
+    return warning_line(qc)
 
 
 def _summary(output: Path, report: dict) -> str:

@@ -96,6 +96,7 @@ class ModelContract:
     std: tuple[float, float, float] | None = None
     output: str = "logits"
     training: Mapping[str, Any] = field(default_factory=dict)
+    qc: Mapping[str, Any] = field(default_factory=dict)   # wsiseg.qc calibration ({} = none)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -208,6 +209,8 @@ def to_metadata(c: ModelContract) -> dict[str, str]:
         meta["mean"] = json.dumps(list(c.mean))
     if c.std is not None:
         meta["std"] = json.dumps(list(c.std))
+    if c.qc:
+        meta["qc"] = json.dumps(dict(c.qc))
     return {PREFIX + k: v for k, v in meta.items()}
 
 
@@ -260,6 +263,7 @@ def from_metadata(meta: Mapping[str, str]) -> ModelContract:
         background=m.get("background"), input=m.get("input", "uint8"),
         mean=mean, std=std, output=m.get("output", "logits"),  # type: ignore[arg-type]
         training=parse_json("training") if "training" in m else {},
+        qc=parse_json("qc") if "qc" in m else {},
     )
 
 

@@ -28,6 +28,7 @@ from .canvas import DiskCanvas, DiskStack
 from .contract import to_metadata
 from .engine import Model, check_tile_px, fixed_tile_px, load_model
 from .files import write_text_atomic
+from .qc import ConfidenceTally, qc_section, stain_lab
 from .slide import ReadPlan, Slide
 from .slide import versions as slide_versions
 from .tiling import Tile, choose_tile_px, computed_px_ratio, tile_grid, tiles_on_mask
@@ -113,8 +114,10 @@ def _softmax_u8(scores: np.ndarray) -> np.ndarray:
 
 def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
               canvas: DiskCanvas, probs: DiskStack | None, tile_px: int, batch_size: int,
-              workers: int, progress: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Predict every tile and paste its core into ``canvas`` (and ``probs``). Returns timings."""
+              workers: int, progress: Callable[[int], None] | None = None,
+              tally: ConfidenceTally | None = None) -> dict[str, float]:
+    """Predict every tile and paste its core into ``canvas`` (and ``probs``), counting the top
+    class probabilities of tissue pixels into ``tally``. Returns timings."""
     background = model.contract.background_value
     t_model = 0.0
     batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
@@ -129,6 +132,9 @@ def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
             labels = (s[:, rs, cs].argmax(axis=0) + 1).astype(np.uint8)
             labels[~scanned[rs, cs]] = background  # unscanned glass is never tissue
             canvas.paste(tile.core_row, tile.core_col, labels)
+            if tally is not None:
+                tally.add(s[:, rs, cs], labels, background=background,
+                          logits=model.contract.output == "logits")
             if probs is not None:
                 probs.paste(tile.core_row, tile.core_col, _softmax_u8(s[:, rs, cs])
                             if model.contract.output == "logits"
@@ -246,13 +252,15 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
                                                     fill=c.background_value))
             probs = stack.enter_context(DiskStack(tmp, (c.n_classes, *plan.out_shape))) \
                 if options.probabilities else None
+            tally = ConfidenceTally()
             timing = run_tiles(model, slide, plan, tiles, canvas=canvas, probs=probs,
                                tile_px=tile_px, batch_size=batch_size, workers=options.workers,
-                               progress=progress)
+                               progress=progress, tally=tally)
             counts = class_counts(canvas, c.n_classes + 1)
+            qc = qc_section(c.qc, tally, stain_lab(thumb, mask))
             description = {"wsiseg": __version__, "kind": "class map", "mpp": plan.mpp,
                            "slide": Path(slide_path).name, "slide_mpp": slide.info.mpp,
-                           "legend": c.legend(), "contract": to_metadata(c)}
+                           "legend": c.legend(), "contract": to_metadata(c), "qc": qc}
             colormap = [(0, 0, 0)] + [k.color for k in c.classes]
             t0 = time.perf_counter()
             levels = write_pyramid(out_path, canvas, mpp=plan.mpp, colormap=colormap,
@@ -287,6 +295,7 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
         "class_area_mm2": {name: float(counts[i + 1]) * px_mm2
                            for i, name in enumerate(c.class_names)},
         "not_analysed_mm2": float(counts[0]) * px_mm2,
+        "qc": qc,
         **section,
         "timing": timing,
         "software": software_versions(),

@@ -314,3 +314,28 @@ def count_values(path: str | os.PathLike, *, n_values: int, level: int = 0) -> n
 
 def version() -> str:
     return tifffile.__version__
+
+
+def write_rgb_pyramid(path: str | os.PathLike, rgb: np.ndarray, *, mpp: float,
+                      software: str = "wsiseg", tile_px: int = 256) -> None:
+    """Write an RGB uint8 image as a tiled pyramidal TIFF slide that OpenSlide opens as a
+    generic TIFF: zlib (level 9, horizontal predictor), levels as top-level pages halved by
+    2 x 2 block means (as wsiseg reads them) until the longer side is under 512 px, pixel size
+    in the resolution tags. Used for demo and evaluation slides made from crops."""
+    from .slide import block_mean  # pure numpy; the slide module owns the block mean
+
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"rgb must be [H, W, 3] uint8, got {rgb.shape} {rgb.dtype}")
+    _check_options(mpp, tile_px, "zlib")
+    with _atomic(path) as tmp, tifffile.TiffWriter(tmp) as tw:
+        level, k = rgb, 0
+        while True:
+            px_per_cm = 1e4 / (mpp * 2 ** k)
+            tw.write(level, photometric="rgb", tile=(tile_px, tile_px), compression="zlib",
+                     predictor=True, compressionargs={"level": 9}, subfiletype=1 if k else 0,
+                     metadata=None, resolution=(px_per_cm, px_per_cm),
+                     resolutionunit="CENTIMETER", software=software)
+            if max(level.shape[:2]) < 512:
+                break
+            h, w = level.shape[0] // 2 * 2, level.shape[1] // 2 * 2
+            level, k = block_mean(level[:h, :w], 2), k + 1

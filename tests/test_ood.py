@@ -1,0 +1,74 @@
+"""Out-of-distribution evaluation through the engine (training/ood.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from wsiseg_train.cli import main
+from wsiseg_train.ood import Box, Crop, crop_scores, lay_out, majority, markdown, rows
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["tumour", "desmoplastic stroma", "lamina propria stroma", "healthy glands",
+         "background"]
+
+
+def test_lay_out_places_each_image_apart_on_glass():
+    images = [np.full((10, 12, 3), i * 40, np.uint8) for i in range(1, 6)]
+    canvas, boxes = lay_out(images, gap_px=4)
+    assert len(boxes) == 5
+    for i, b in enumerate(boxes):
+        assert (canvas[b.row:b.row + b.h, b.col:b.col + b.w] == (i + 1) * 40).all()
+    covered = np.zeros(canvas.shape[:2], bool)
+    for b in boxes:
+        covered[b.row - 4:b.row + b.h + 4, b.col - 4:b.col + b.w + 4] = True
+    assert covered.sum() < canvas.shape[0] * canvas.shape[1]   # glass between the images
+    assert Box(10, 20, 30, 40).scaled(2.0) == (slice(5, 20), slice(10, 30))
+
+
+def test_crop_scores_exact():
+    labels = np.zeros((4, 4), np.uint8)
+    labels[:2] = 1            # reference tumour (top half)
+    labels[2:] = 2            # reference desmoplastic stroma (bottom half)
+    glands = labels == 1
+    crop = Crop("c", "Adenocarcinoma", np.zeros((4, 4, 3), np.uint8), glands, labels)
+    pred = labels.copy()
+    pred[3, :2] = 1           # two stroma pixels called tumour
+    s = crop_scores([crop], [pred], NAMES)
+    assert s["dice"]["tumour"] == pytest.approx(2 * 8 / (2 * 8 + 2))
+    assert s["dice"]["desmoplastic stroma"] == pytest.approx(2 * 6 / (2 * 6 + 2))
+    assert math.isnan(s["dice"]["healthy glands"])
+    assert s["epithelium_dice"] == pytest.approx(2 * 8 / (10 + 8))
+    assert s["stroma_called_tumour"] == pytest.approx(2 / 8)
+    assert majority(np.array([1, 2, 2, 5]), 5) == 2
+
+
+@pytest.mark.slow
+def test_evaluate_ood_command_on_real_data(shared_data, tmp_path):
+    model = ROOT / "models" / "wsiseg-ebhi-unet.onnx"
+    out = tmp_path / "ood.md"
+    r = CliRunner().invoke(main, ["evaluate-ood", str(model), "--data", str(shared_data),
+                                  "--limit", "4", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.with_suffix(".json").read_text())[0]
+    k = result["kather2016"]
+    assert k["non_tumour_tiles"] == 15 and k["stroma_tiles"] == 3
+    assert sum(sum(v.values()) for v in k["confusion"].values()) == 24
+    assert sum(k["confusion"]["08_EMPTY"].values()) == 3
+    assert k["confusion"]["08_EMPTY"].get("background", 0) >= 2   # glass-like tiles
+    assert result["ebhi_val"]["crops"] == 4 and result["ebhi_lesion_val"]["crops"] == 4
+    assert 0.5 < result["ebhi_val"]["epithelium_dice"] <= 1
+    assert result["windows"]["windows"] == 8
+    assert out.read_text() == markdown([result]) and len(rows(result)) >= 12
+    assert "| Kather 2016: non-tumour tissue tiles called tumour |" in r.stdout
+
+
+def test_evaluate_ood_needs_the_data(tmp_path):
+    model = ROOT / "models" / "wsiseg-ebhi-unet.onnx"
+    r = CliRunner().invoke(main, ["evaluate-ood", str(model), "--data", str(tmp_path)])
+    assert r.exit_code == 2
+    assert "--data" in r.stderr and "Traceback" not in r.output

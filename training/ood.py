@@ -1,0 +1,331 @@
+"""Out-of-distribution evaluation of a model through the engine (``wsiseg-train evaluate-ood``).
+
+Every figure comes from ``wsiseg.pipeline.segment_slide`` on a pyramidal TIFF slide with
+resolution tags, read back from the written map: the reader, the tiling, the contract and the
+stitching are all in the loop. Three kinds of slide are laid out from real crops:
+
+- **Kather 2016** (``kather-samples/labelled-2016``, another lab and scanner, 0.495 µm/px,
+  3 tiles per tissue type): each 150 px tile alone on glass; the call of a tile is the majority
+  class over its central half. A check, never training data.
+- **EBHI-Seg val** and **EBHI-Seg lesion val** (held-out patients): whole 224 px crops on glass;
+  per-class Dice against the dense derived labels (``training/ebhi.py``), epithelium Dice
+  (tumour or healthy glands against the gland mask), and the share of the lesions' non-gland
+  tissue called tumour.
+- **Context-free windows**: the central 112 µm of each val crop, alone on glass (as a small
+  tile of another lab is seen), compared with the same pixels in the whole-crop map: a class
+  must not flip when the surroundings are gone.
+
+Tiles are run without the tissue mask (``--no-tissue-mask``): the small tiles are below the
+default speck size, and the model's own calls, glass included, are what is measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from skimage.io import imread
+
+from wsiseg.pipeline import SegmentOptions, segment_slide
+from wsiseg.writer import read_level, write_rgb_pyramid
+
+from .ebhi import derive_labels
+
+GLASS = (242, 240, 243)
+KATHER_MPP = 0.495
+EBHI_MPP = 1.0
+WINDOW_UM = 112
+KATHER_TYPES = ("01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA",
+                "07_ADIPOSE", "08_EMPTY")
+NON_TUMOUR_TISSUE = ("02_STROMA", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA", "07_ADIPOSE")
+EPITHELIUM = ("tumour", "healthy glands")
+
+
+@dataclass(frozen=True)
+class Box:
+    """Where a crop sits in a mosaic slide (slide pixels)."""
+    row: int
+    col: int
+    h: int
+    w: int
+
+    def scaled(self, f: float) -> tuple[slice, slice]:
+        """The box in a map whose pixels are ``f`` slide pixels each."""
+        r0, c0 = int(round(self.row / f)), int(round(self.col / f))
+        r1, c1 = int(round((self.row + self.h) / f)), int(round((self.col + self.w) / f))
+        return slice(r0, r1), slice(c0, c1)
+
+
+def lay_out(images: Sequence[np.ndarray], *, gap_px: int) -> tuple[np.ndarray, list[Box]]:
+    """Images on a glass-coloured canvas in a near-square grid, ``gap_px`` apart."""
+    if not images:
+        raise ValueError("no images to lay out")
+    cell_h = max(im.shape[0] for im in images) + gap_px
+    cell_w = max(im.shape[1] for im in images) + gap_px
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    canvas = np.empty((rows * cell_h + gap_px, cols * cell_w + gap_px, 3), np.uint8)
+    canvas[:] = GLASS
+    boxes = []
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = gap_px + r * cell_h, gap_px + c * cell_w
+        canvas[y:y + im.shape[0], x:x + im.shape[1]] = im[..., :3]
+        boxes.append(Box(y, x, im.shape[0], im.shape[1]))
+    return canvas, boxes
+
+
+def segment_mosaic(model: str | Path, rgb: np.ndarray, *, mpp: float, workdir: Path,
+                   name: str) -> tuple[np.ndarray, float, list[str]]:
+    """Write ``rgb`` as a pyramidal TIFF slide at ``mpp``, segment it with ``wsiseg``'s
+    pipeline, and return (label map, map pixel size in slide pixels, class names)."""
+    slide = workdir / f"{name}.tif"
+    write_rgb_pyramid(slide, rgb, mpp=mpp, software="wsiseg-train evaluate-ood")
+    out = workdir / f"{name}-map.tif"
+    report = segment_slide(slide, out, model=model, options=SegmentOptions(tissue=None),
+                           analysis=None, overwrite=True)
+    names = [c["name"] for c in report["model"]["classes"]]
+    return read_level(out), report["map"]["mpp"] / mpp, names
+
+
+def majority(values: np.ndarray, n: int) -> int:
+    return int(np.bincount(values.ravel(), minlength=n + 1)[1:].argmax() + 1)
+
+
+def centre(sl: tuple[slice, slice], fraction: float = 0.5) -> tuple[slice, slice]:
+    out = []
+    for s in sl:
+        n = s.stop - s.start
+        m = max(1, int(round(n * (1 - fraction) / 2)))
+        out.append(slice(s.start + m, s.stop - m))
+    return out[0], out[1]
+
+
+# -- Kather 2016 ---------------------------------------------------------------------------
+
+def kather_check(model: str | Path, folder: Path, workdir: Path) -> dict:
+    tiles = [(t, p) for t in KATHER_TYPES for p in sorted((folder / t).glob("*.tif"))]
+    if not tiles:
+        raise FileNotFoundError(f"no labelled Kather tiles under {folder}")
+    images = [imread(p)[..., :3] for _, p in tiles]
+    rgb, boxes = lay_out(images, gap_px=images[0].shape[0])
+    labels, f, names = segment_mosaic(model, rgb, mpp=KATHER_MPP, workdir=workdir, name="kather")
+    calls = [names[majority(labels[centre(b.scaled(f))], len(names)) - 1] for b in boxes]
+    confusion: dict[str, dict[str, int]] = {t: {} for t in KATHER_TYPES}
+    for (t, _), call in zip(tiles, calls):
+        confusion[t][call] = confusion[t].get(call, 0) + 1
+    tumour = set(_roles(model)[0])
+    stroma = {n for n in names if "stroma" in n}
+    non_tumour = [c for (t, _), c in zip(tiles, calls) if t in NON_TUMOUR_TISSUE]
+    by_type = {t: [c for (tt, _), c in zip(tiles, calls) if tt == t] for t in KATHER_TYPES}
+    return {"confusion": confusion, "classes": names,
+            "non_tumour_tiles": len(non_tumour),
+            "non_tumour_called_tumour": sum(c in tumour for c in non_tumour),
+            "stroma_tiles": len(by_type["02_STROMA"]),
+            "stroma_called_stroma": sum(c in stroma for c in by_type["02_STROMA"]),
+            "tumour_tiles": len(by_type["01_TUMOR"]),
+            "tumour_called_tumour": sum(c in tumour for c in by_type["01_TUMOR"])}
+
+
+def _roles(model: str | Path) -> tuple[list[str], list[str]]:
+    from wsiseg.engine import load_model
+    c = load_model(model, device="cpu").contract
+    return list(c.tumour_classes), list(c.stroma_classes)
+
+
+# -- EBHI-Seg val and lesion val ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Crop:
+    name: str
+    kind: str                 # the image class of EBHI-Seg
+    image: np.ndarray
+    glands: np.ndarray        # bool, mask >= 128
+    labels: np.ndarray        # dense derived labels (class names below), 0 = unannotated
+
+
+CROP_CLASSES = ("tumour", "desmoplastic stroma", "lamina propria stroma", "healthy glands",
+                "background")
+EPITHELIUM_OF = {"Adenocarcinoma": "tumour", "Normal": "healthy glands"}
+STROMA_OF = {"Adenocarcinoma": "desmoplastic stroma"}  # every other kind: lamina propria
+
+
+def load_crops(index: Path, *, limit: int = 0) -> list[Crop]:
+    """The val rows of an EBHI-Seg index as crops with dense reference labels. Epithelium of
+    kinds other than carcinoma and normal mucosa is left 0 in ``labels`` (see ``glands``)."""
+    with index.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("split") == "val"]
+    if limit and len(rows) > limit:
+        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, limit).round().astype(int)]
+    value = {n: i + 1 for i, n in enumerate(CROP_CLASSES)}
+    crops = []
+    for r in rows:
+        image = imread(index.parent / r["image"])[..., :3]
+        mask = imread(index.parent / r["label"])
+        mask = mask if mask.ndim == 2 else mask[..., 0]
+        epi = value.get(EPITHELIUM_OF.get(r["class"], ""), 0)
+        stroma = value[STROMA_OF.get(r["class"], "lamina propria stroma")]
+        labels = derive_labels(image, mask, epithelium=epi, stroma=stroma,
+                               background=value["background"])
+        crops.append(Crop(Path(r["image"]).name, r["class"], image, mask >= 128, labels))
+    if not crops:
+        raise ValueError(f"{index} has no val rows")
+    return crops
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    d = int(a.sum()) + int(b.sum())
+    return 2 * int((a & b).sum()) / d if d else math.nan
+
+
+def crop_scores(crops: list[Crop], preds: list[np.ndarray], names: list[str]) -> dict:
+    """Per-class Dice on labelled pixels, epithelium Dice on every pixel, and the share of
+    non-gland tissue (labelled stroma) called tumour."""
+    tp = {n: 0 for n in CROP_CLASSES}
+    fp, fn = dict(tp), dict(tp)
+    epi_inter = epi_sum = stroma_px = stroma_tumour = 0
+    epi_values = [i + 1 for i, n in enumerate(names) if n in EPITHELIUM]
+    tumour_v = names.index("tumour") + 1 if "tumour" in names else -1
+    for crop, pred in zip(crops, preds):
+        pred_names = np.array(["", *names])[pred]
+        valid = crop.labels > 0
+        for i, n in enumerate(CROP_CLASSES):
+            ref = (crop.labels == i + 1) & valid
+            got = (pred_names == n) & valid
+            tp[n] += int((ref & got).sum())
+            fp[n] += int((~ref & got).sum())
+            fn[n] += int((ref & ~got).sum())
+        epi = np.isin(pred, epi_values)
+        epi_inter += int((epi & crop.glands).sum())
+        epi_sum += int(epi.sum()) + int(crop.glands.sum())
+        stroma = np.isin(crop.labels, [2, 3])
+        stroma_px += int(stroma.sum())
+        stroma_tumour += int((stroma & (pred == tumour_v)).sum())
+    per = {n: (2 * tp[n] / (2 * tp[n] + fp[n] + fn[n]) if tp[n] + fn[n] else math.nan)
+           for n in CROP_CLASSES}
+    present = [v for n, v in per.items() if tp[n] + fn[n]]
+    return {"crops": len(crops), "dice": per, "overall": float(np.mean(present)),
+            "epithelium_dice": 2 * epi_inter / epi_sum if epi_sum else math.nan,
+            "stroma_called_tumour": stroma_tumour / stroma_px if stroma_px else math.nan}
+
+
+def crop_check(model: str | Path, crops: list[Crop], workdir: Path, name: str
+               ) -> tuple[dict, list[np.ndarray], list[str]]:
+    rgb, boxes = lay_out([c.image for c in crops], gap_px=64)
+    labels, f, names = segment_mosaic(model, rgb, mpp=EBHI_MPP, workdir=workdir, name=name)
+    preds = [labels[b.scaled(f)] for b in boxes]
+    return crop_scores(crops, preds, names), preds, names
+
+
+def window_check(model: str | Path, crops: list[Crop], in_context: list[np.ndarray],
+                 workdir: Path) -> dict:
+    """Centre windows of the crops alone on glass against the same pixels in context."""
+    side = int(round(WINDOW_UM / EBHI_MPP))
+    wins, ctx = [], []
+    for crop, pred in zip(crops, in_context):
+        h, w = crop.labels.shape
+        r0, c0 = (h - side) // 2, (w - side) // 2
+        if min(h, w) < side or pred.shape != crop.labels.shape:
+            continue
+        wins.append(crop.image[r0:r0 + side, c0:c0 + side])
+        ctx.append(pred[r0:r0 + side, c0:c0 + side])
+    rgb, boxes = lay_out(wins, gap_px=side)
+    labels, f, names = segment_mosaic(model, rgb, mpp=EBHI_MPP, workdir=workdir, name="windows")
+    n = len(names)
+    flips = px_same = px_all = 0
+    for b, ref in zip(boxes, ctx):
+        alone = labels[b.scaled(f)]
+        if alone.shape != ref.shape:
+            continue
+        c_alone, c_ref = centre((slice(0, side), slice(0, side)))
+        flips += majority(alone[c_alone, c_ref], n) != majority(ref[c_alone, c_ref], n)
+        px_same += int((alone == ref).sum())
+        px_all += ref.size
+    return {"windows": len(boxes), "window_um": WINDOW_UM, "flipped": flips,
+            "flip_share": flips / len(boxes), "pixel_agreement": px_same / px_all}
+
+
+def evaluate_ood(model: str | Path, data: Path, *, limit: int = 0,
+                 progress: Callable[[str], None] = lambda s: None) -> dict:
+    """All three checks for ``model`` with the real data under ``data`` (``shared/data``)."""
+    model = Path(model)
+    if not model.is_file():
+        raise FileNotFoundError(f"model {model} not found")
+    ebhi = data / "ebhi-seg"
+    for need in (ebhi / "index.csv", ebhi / "index-lesions.csv",
+                 data / "kather-samples" / "labelled-2016"):
+        if not need.exists():
+            raise FileNotFoundError(f"{need} not found; pass --data with the shared data folder")
+    with tempfile.TemporaryDirectory(prefix="wsiseg-ood-") as tmp:
+        work = Path(tmp)
+        progress("Kather 2016 tiles")
+        kather = kather_check(model, data / "kather-samples" / "labelled-2016", work)
+        progress("EBHI-Seg val")
+        val_crops = load_crops(ebhi / "index.csv", limit=limit)
+        val, val_preds, _ = crop_check(model, val_crops, work, "ebhi-val")
+        progress("EBHI-Seg lesion val")
+        les_crops = load_crops(ebhi / "index-lesions.csv", limit=limit)
+        lesions, les_preds, names = crop_check(model, les_crops, work, "ebhi-lesions")
+        by_kind = {}
+        for kind in sorted({c.kind for c in les_crops}):
+            idx = [i for i, c in enumerate(les_crops) if c.kind == kind]
+            s = crop_scores([les_crops[i] for i in idx], [les_preds[i] for i in idx], names)
+            by_kind[kind] = {k: s[k] for k in ("crops", "epithelium_dice",
+                                               "stroma_called_tumour")}
+        lesions["by_kind"] = by_kind
+        progress("context-free windows")
+        windows = window_check(model, val_crops + les_crops, val_preds + les_preds, work)
+    return {"model": model.name, "kather2016": kather, "ebhi_val": val,
+            "ebhi_lesion_val": lesions, "windows": windows}
+
+
+# -- the table ---------------------------------------------------------------------------
+
+def rows(result: dict) -> list[tuple[str, str, str]]:
+    """(figure, value, goal) rows of one result."""
+    k, v, le, w = (result["kather2016"], result["ebhi_val"], result["ebhi_lesion_val"],
+                   result["windows"])
+    out = [
+        ("Kather 2016: non-tumour tissue tiles called tumour",
+         f"{k['non_tumour_called_tumour']} / {k['non_tumour_tiles']}", "≤ 2"),
+        ("Kather 2016: stroma tiles called stroma",
+         f"{k['stroma_called_stroma']} / {k['stroma_tiles']}", "≥ 2"),
+        ("Kather 2016: tumour tiles called tumour",
+         f"{k['tumour_called_tumour']} / {k['tumour_tiles']}", "high"),
+        ("EBHI val: overall Dice", f"{v['overall']:.3f}", "≥ 0.85"),
+    ]
+    out += [(f"EBHI val: {n} Dice", f"{d:.3f}", "≥ 0.92" if n == "tumour" else "high")
+            for n, d in v["dice"].items() if not math.isnan(d)]
+    out += [("EBHI val: epithelium Dice", f"{v['epithelium_dice']:.3f}", "≥ 0.92"),
+            ("EBHI lesion val: epithelium Dice", f"{le['epithelium_dice']:.3f}", "≥ 0.92"),
+            ("EBHI lesion val: non-gland tissue called tumour",
+             f"{le['stroma_called_tumour']:.3f}", "low"),
+            (f"Context-free {w['window_um']} µm windows: class flipped",
+             f"{w['flipped']} / {w['windows']} ({w['flip_share']:.3f})", "low"),
+            ("Context-free windows: pixel agreement with context",
+             f"{w['pixel_agreement']:.3f}", "high")]
+    return out
+
+
+def markdown(results: Sequence[dict]) -> str:
+    """One Markdown table: a column per model, then the goal; and each Kather confusion."""
+    names = [r["model"] for r in results]
+    table = [rows(r) for r in results]
+    lines = ["| figure | " + " | ".join(names) + " | goal |",
+             "|---|" + "---:|" * len(names) + "---|"]
+    for i, (label, _, goal) in enumerate(table[0]):
+        lines.append(f"| {label} | " + " | ".join(t[i][1] for t in table) + f" | {goal} |")
+    for r in results:
+        k = r["kather2016"]
+        lines += ["", f"Kather 2016 tile calls of {r['model']} (rows: tissue type, 3 tiles each):",
+                  "", "| type | " + " | ".join(k["classes"]) + " |",
+                  "|---|" + "---:|" * len(k["classes"])]
+        for t, calls in k["confusion"].items():
+            lines.append(f"| {t} | " + " | ".join(str(calls.get(c, 0)) for c in k["classes"])
+                         + " |")
+    return "\n".join(lines) + "\n"
