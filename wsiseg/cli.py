@@ -1,15 +1,21 @@
 """Command line: the only module that knows click, exit codes and the terminal.
 
-Exit codes: 0 success, 1 failure (bad slide, model, output, ...), 2 usage error, 130 interrupted.
-Progress and messages go to stderr; machine-readable results (``info --json``) to stdout.
+Exit codes: 0 success, 1 failure (bad slide, model, output, full disk, ...), 2 usage error (a bad
+option value included), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM: docker stop, Slurm).
+Every error is one line on stderr; progress too goes to stderr, machine-readable results
+(``info --json``, ``report``) to stdout.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -44,45 +50,180 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .batch import BatchInputError
     from .contract import ContractError
     from .engine import ModelError
-    from .pipeline import OutputError
+    from .outputs import OutputError
     from .slide import SlideError
     return (SlideError, ModelError, ContractError, OutputError, MapError, BatchInputError,
             FileNotFoundError,
             PermissionError, IsADirectoryError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, Slurm, kill): unwinds and cleans up exactly like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: None)  # a second one must not cut the cleanup short
+    raise Terminated()
+
+
+def _os_error(e: OSError) -> str:
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror or e}{where}"
+
+
 class _Group(click.Group):
-    """Turns the project's own errors into one line on stderr and exit code 1."""
+    """One line on stderr for every error: usage errors exit 2, the project's own errors and
+    failing file operations 1, Ctrl-C 130, SIGTERM 143."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            click.echo(f"wsiseg: error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"wsiseg: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C while click itself was prompting or parsing
+            click.echo("wsiseg: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
+        in_main = threading.current_thread() is threading.main_thread()  # signal's rule
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
         try:
             return super().invoke(ctx)
         except _user_errors() as e:
             click.echo(f"wsiseg: error: {e}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("wsiseg: interrupted; no output was left at the final path", err=True)
-            ctx.exit(130)
+        except OSError as e:  # a full disk, an I/O error: say which, in one line
+            click.echo(f"wsiseg: error: {_os_error(e)}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt as e:
+            what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+            click.echo(f"wsiseg: {what}; no unfinished output was left behind", err=True)
+            ctx.exit(code)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
+
+
+# -- option values: checked by click, so that a bad one is a usage error (exit 2) --------------
+
+class _LazyDefault(click.Option):
+    """An option whose default comes from an options dataclass, read when it is needed (a run
+    or --help), so that `wsiseg --version` does not import numpy and scipy."""
+
+    def get_default(self, ctx: click.Context, call: bool = True):  # type: ignore[override]
+        return super().get_default(ctx, call=True)
+
+
+def _default(module: str, cls: str, *names: str):
+    """The default of field ``names`` (a path through nested dataclasses) of wsiseg.MODULE.CLS."""
+    def get():
+        value = getattr(importlib.import_module(f"wsiseg.{module}"), cls)()
+        for name in names:
+            value = getattr(value, name)
+        return value
+    return get
+
+
+def _checked(check):
+    """A click callback that runs ``check(value)`` (which raises ValueError) on a given value."""
+    def callback(ctx: click.Context, param: click.Parameter, value):
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return callback
+
+
+def _size_um(*, zero_ok: bool):
+    def check(value: float) -> float:
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise ValueError(f"must be a finite {'non-negative' if zero_ok else 'positive'} "
+                             f"number, got {value:g}")
+        return value
+    return check
+
+
+def _mpp(value: float) -> float:
+    from .pipeline import check_mpp_override
+    return check_mpp_override(value)
+
+
+def _tile_px(value: int) -> int:
+    from .pipeline import check_tile_size
+    return check_tile_size(value)
+
+
+def _verbosity(f):
+    """-q / -v, accepted before and after the subcommand."""
+    f = click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbose,
+                     help="More log output (-vv for debug).")(f)
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
+                        help="Only errors; no progress bar.")(f)
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    obj = _log_settings(ctx)
+    obj["verbose"] += value
+    _configure_logging(obj)
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    obj = _log_settings(ctx)
+    obj["quiet"] = obj["quiet"] or value
+    _configure_logging(obj)
+
+
+def _log_settings(ctx: click.Context) -> dict:
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = {"quiet": False, "verbose": 0, "owns_logging": False}
+    ctx.obj = root.obj
+    return root.obj
+
+
+def _configure_logging(obj: dict) -> None:
+    """Log to stderr at the level -q / -v ask for (left alone when the host program, e.g. a
+    test runner, configured logging itself)."""
+    level = logging.ERROR if obj["quiet"] else \
+        [logging.WARNING, logging.INFO, logging.DEBUG][min(obj["verbose"], 2)]
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=level, format="wsiseg: %(levelname)s: %(message)s",
+                            stream=sys.stderr)
+        obj["owns_logging"] = True
+    if obj["owns_logging"]:
+        root.setLevel(level)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsiseg")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bar.")
+@_verbosity
 @click.pass_context
-def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+def main(ctx: click.Context) -> None:
     """Segment H&E whole-slide images into tissue classes and measure the tumour-stroma ratio."""
-    levels = [logging.WARNING, logging.INFO, logging.DEBUG]
-    level = logging.ERROR if quiet else levels[min(verbose, 2)]
-    logging.basicConfig(level=level, format="wsiseg: %(levelname)s: %(message)s", stream=sys.stderr)
-    ctx.obj = {"quiet": quiet}
+    _configure_logging(_log_settings(ctx))
+
+
+MPP_OPTION = dict(type=float, callback=_checked(_mpp),
+                  help="Level-0 microns per pixel, overriding the slide's (0.05-100).")
 
 
 @main.command()
 @click.argument("slide", type=click.Path(path_type=Path))
-@click.option("--mpp", type=float, help="Level-0 microns per pixel, overriding the slide's.")
+@click.option("--mpp", **MPP_OPTION)
 @click.option("--model", type=click.Path(path_type=Path), help="Model whose read plan to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@_verbosity
 def info(slide: Path, mpp: float | None, model: Path | None, as_json: bool) -> None:
     """Show a slide's format, levels, pixel size, and what segment would read."""
     from .slide import Slide
@@ -129,10 +270,15 @@ def analysis_flags(f):
         click.option("--no-geojson", is_flag=True, help="Skip the QuPath GeoJSON."),
         click.option("--no-preview", is_flag=True, help="Skip the preview PNG."),
         click.option("--no-csv", is_flag=True, help="Skip the one-row CSV."),
-        click.option("--tsr-field-um", type=float, default=2200.0, show_default=True,
+        click.option("--tsr-field-um", type=float, cls=_LazyDefault, show_default=True,
+                     default=_default("tsr", "TSRConfig", "field_diameter_um"),
+                     callback=_checked(_size_um(zero_ok=False)),
                      help="Diameter of the circular TSR field."),
-        click.option("--tsr-margin-um", type=float, default=250.0, show_default=True,
+        click.option("--tsr-margin-um", type=float, cls=_LazyDefault, show_default=True,
+                     default=_default("tsr", "TSRConfig", "bulk_margin_um"),
+                     callback=_checked(_size_um(zero_ok=True)),
                      help="Margin added around the tumour bulk for whole-tumour TSR."),
+        _verbosity,
     ]):
         f = opt(f)
     return f
@@ -147,17 +293,23 @@ def analysis_flags(f):
 @click.option("--model", type=click.Path(path_type=Path),
               help=f"ONNX model with a wsiseg contract (default: ${DEFAULT_MODEL_ENV} or the "
                    "shipped model).")
-@click.option("--mpp", type=float, help="Slide level-0 microns per pixel, overriding the slide's.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+@click.option("--mpp", **MPP_OPTION)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+              cls=_LazyDefault, default=_default("pipeline", "SegmentOptions", "device"),
               show_default=True, help="Where to run the model; auto = CUDA if available, else CPU.")
-@click.option("--tile-px", type=int,
-              help="Input tile size, a multiple of the model's (default: the size up to 1024 "
-                   "that computes the fewest pixels).")
-@click.option("--batch-size", type=int, help="Tiles per model call (default 1 on CPU, 4 on GPU).")
-@click.option("--workers", type=int, default=2, show_default=True, help="Slide reader threads.")
+@click.option("--tile-px", type=int, callback=_checked(_tile_px),
+              help="Input tile size, a multiple of the model's, at most 8192 (default: the size "
+                   "up to 1024 that computes the fewest pixels).")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Tiles per model call (default 1 on CPU, 4 on GPU).")
+@click.option("--workers", type=click.IntRange(min=1), cls=_LazyDefault, show_default=True,
+              default=_default("pipeline", "SegmentOptions", "workers"),
+              help="Slide reader threads.")
 @click.option("--no-tissue-mask", is_flag=True,
               help="Run the model on every tile, not only tissue.")
-@click.option("--min-tissue-um2", type=float, default=20_000.0, show_default=True,
+@click.option("--min-tissue-um2", type=float, cls=_LazyDefault, show_default=True,
+              default=_default("tissue", "TissueParams", "min_tissue_um2"),
+              callback=_checked(_size_um(zero_ok=True)),
               help="Ignore tissue pieces smaller than this.")
 @click.option("--probabilities", is_flag=True, help="Also write MAP.prob.tif (class scores x255).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
@@ -181,23 +333,55 @@ def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_fil
     from .tissue import TissueParams
     if not slides and list_file is None:
         raise click.UsageError("give at least one slide (or --list FILE)")
-    if (batch_size is not None and batch_size < 1) or workers < 1:
-        raise click.BadParameter("--batch-size and --workers must be at least 1")
     options = SegmentOptions(
         tile_px=tile_px, batch_size=batch_size, workers=workers, device=device, mpp=mpp,
         tissue=None if no_tissue_mask else TissueParams(min_tissue_um2=min_tissue_um2),
         probabilities=probabilities)
     analysis = _analysis_options(no_tsr, no_geojson, no_preview, no_csv, tsr_field_um,
                                  tsr_margin_um)
-    batch = (len(slides) != 1 or list_file is not None or slides[0].is_dir()
-             or any(ch in str(slides[0]) for ch in "*?[") or output.is_dir())
-    if batch and report_path is not None:
-        raise click.UsageError("--report names one file; in batch mode the reports go to the "
-                               "output folder")
+    batch = _is_batch(slides, list_file, output)
+    _check_outputs(batch, output, report_path, options, analysis)
     loaded = load_model(model or default_model(), device=device)
+    if tile_px is not None:
+        from .engine import ModelError, check_tile_px
+        try:
+            check_tile_px(loaded, tile_px)
+        except ModelError as e:
+            raise click.BadParameter(str(e), param_hint="'--tile-px'") from None
     run = _segment_batch if batch else _segment_one
     run(ctx, slides=slides, list_file=list_file, output=output, model=loaded, options=options,
         analysis=analysis, report_path=report_path, overwrite=overwrite)
+
+
+def _is_batch(slides: tuple[Path, ...], list_file: Path | None, output: Path) -> bool:
+    """Several slides, a folder, a pattern or a list; or one slide into an existing folder
+    (one named like a map, ``X.tif``, is an error in ``_check_outputs``)."""
+    from .outputs import MAP_SUFFIXES
+    return (len(slides) != 1 or list_file is not None or slides[0].is_dir()
+            or any(ch in str(slides[0]) for ch in "*?[")
+            or (output.is_dir() and output.suffix.lower() not in MAP_SUFFIXES))
+
+
+def _check_outputs(batch: bool, output: Path, report_path: Path | None, options, analysis
+                   ) -> None:
+    """Output paths that cannot work are usage errors, found before the model loads."""
+    from .outputs import OutputError
+    from .pipeline import planned_outputs
+    if batch:
+        if report_path is not None:
+            raise click.UsageError("--report names one file; in batch mode the reports go to "
+                                   "the output folder")
+        if output.exists() and not output.is_dir():
+            raise click.BadParameter(f"{output} is a file; with several slides -o names the "
+                                     "output folder", param_hint="'-o' / '--output'")
+        return
+    if output.is_dir():
+        raise click.BadParameter(f"{output} is a folder; name the map file inside it, e.g. "
+                                 f"{output / 'map.tif'}", param_hint="'-o' / '--output'")
+    try:
+        planned_outputs(output, report_path=report_path, options=options, analysis=analysis)
+    except OutputError as e:
+        raise click.BadParameter(str(e), param_hint="'-o' / '--report'") from None
 
 
 def _segment_one(ctx: click.Context, *, slides, output, model, options, analysis, report_path,
@@ -218,8 +402,9 @@ def _segment_batch(ctx: click.Context, *, slides, output, model, options, analys
     from .batch import FAILED, expand_slides, run_batch
     from .pipeline import segment_slide
     quiet = ctx.obj["quiet"]
+    from .files import make_folders, remove_empty
     paths = expand_slides(list(slides), list_file=list_file)
-    output.mkdir(parents=True, exist_ok=True)
+    created = make_folders([output])
 
     def process(slide: Path, outs: dict[str, Path]) -> None:
         with _progress(quiet, slide.name) as (on_start, progress):
@@ -227,7 +412,11 @@ def _segment_batch(ctx: click.Context, *, slides, output, model, options, analys
                           report_path=outs["report"], overwrite=True, on_start=on_start,
                           progress=progress, outputs={k: outs[k] for k in OUTPUT_SUFFIXES})
 
-    statuses = run_batch(paths, output, process=process, overwrite=overwrite)
+    try:
+        statuses = run_batch(paths, output, process=process, overwrite=overwrite)
+    except BaseException:
+        remove_empty(created)  # a folder made for this batch, unless something was written
+        raise
     counts = {k: sum(s.status == k for s in statuses) for k in ("ok", "skipped", FAILED)}
     if not quiet:
         click.echo(f"{len(statuses)} slides: {counts['ok']} ok, {counts['skipped']} skipped, "
@@ -276,7 +465,7 @@ def _summary(output: Path, report: dict) -> str:
 @click.argument("map_path", metavar="MAP", type=click.Path(path_type=Path))
 @click.option("--slide", type=click.Path(path_type=Path),
               help="The slide the map was made from (for the preview's background).")
-@click.option("--mpp", type=float, help="Slide level-0 microns per pixel, overriding the slide's.")
+@click.option("--mpp", **MPP_OPTION)
 @analysis_flags
 @click.option("--overwrite", is_flag=True, help="Replace existing analysis outputs.")
 def report(map_path: Path, slide: Path | None, mpp: float | None, no_tsr: bool, no_geojson: bool,
@@ -285,13 +474,14 @@ def report(map_path: Path, slide: Path | None, mpp: float | None, no_tsr: bool, 
     """Measure an existing class MAP (no inference): class areas, TSR, TSR map, GeoJSON,
     preview and CSV beside the map; the measurements as JSON on stdout."""
     from .analysis import analyse_map, outputs_beside
-    from .pipeline import check_output
+    from .outputs import OutputSet, check_output
     if not map_path.is_file():
         raise FileNotFoundError(f"map not found: {map_path}")
     options = _analysis_options(no_tsr, no_geojson, no_preview, no_csv, tsr_field_um,
                                 tsr_margin_um)
-    outputs = outputs_beside(map_path)
-    for path in options.wanted(outputs):
+    wanted = options.wanted(outputs_beside(map_path))
+    finals = {k: p for k, p in outputs_beside(map_path).items() if p in wanted}
+    for path in finals.values():
         check_output(path, overwrite=overwrite)
     thumbnail = None
     if slide is not None:
@@ -299,7 +489,11 @@ def report(map_path: Path, slide: Path | None, mpp: float | None, no_tsr: bool, 
         with Slide(slide, mpp=mpp) as s:
             rgb, _, thumb_mpp = s.thumbnail(8.0)
         thumbnail = (rgb, thumb_mpp)
-    section = analyse_map(map_path, options=options, thumbnail=thumbnail, outputs=outputs)
+    with OutputSet(finals) as out_set:  # all the files, or none of them
+        section = analyse_map(map_path, options=options, thumbnail=thumbnail,
+                              outputs={k: out_set.staged(k) for k in finals})
+        out_set.publish()
+    section["outputs"] = {k: str(finals[k]) for k in section["outputs"]}
     click.echo(json.dumps(section, indent=2))
 
 

@@ -93,7 +93,12 @@ class Model:
 
 
 def _session(path: Path, providers: list[str]) -> ort.InferenceSession:
+    # ONNX Runtime's own warnings (e.g. telemetry that cannot write to an unwritable HOME) are
+    # noise before our one-line messages: errors only, unless our log shows INFO (-v).
+    severity = 2 if log.isEnabledFor(logging.INFO) else 3
+    ort.set_default_logger_severity(severity)
     opts = ort.SessionOptions()
+    opts.log_severity_level = severity
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     provider_args: list = []
     for p in providers:
@@ -163,11 +168,12 @@ def check_tile_px(model: Model, tile_px: int) -> None:
     c = model.contract
     fixed = fixed_tile_px(model)
     if fixed and tile_px != fixed:
-        raise ModelError(f"this model takes {fixed}px tiles only; drop --tile-px")
+        raise ModelError(f"this model takes {fixed} px tiles only, not {tile_px}; leave the "
+                         "tile size to the model")
     if tile_px % c.size_multiple or tile_px <= 2 * c.border_px:
         hint = max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)
-        raise ModelError(f"--tile-px {tile_px} must be a multiple of {c.size_multiple} and larger "
-                         f"than {2 * c.border_px}; try {hint}")
+        raise ModelError(f"tile size {tile_px} px does not fit this model: it must be a multiple "
+                         f"of {c.size_multiple} and larger than {2 * c.border_px}; try {hint}")
 
 
 def versions() -> dict[str, str]:
