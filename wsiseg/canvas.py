@@ -40,11 +40,15 @@ class DiskCanvas:
         self.ndim = 2
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        rows = max(1, _FILL_BYTES // self.shape[1])
-        chunk = np.full((rows, self.shape[1]), fill, np.uint8).tobytes()
-        for r in range(0, self.shape[0], rows):
-            n = min(rows, self.shape[0] - r)
-            _pwrite_all(self._fd, chunk[: n * self.shape[1]], r * self.shape[1])
+        try:
+            rows = max(1, _FILL_BYTES // self.shape[1])
+            chunk = np.full((rows, self.shape[1]), fill, np.uint8).tobytes()
+            for r in range(0, self.shape[0], rows):
+                n = min(rows, self.shape[0] - r)
+                _pwrite_all(self._fd, chunk[: n * self.shape[1]], r * self.shape[1])
+        except BaseException:  # e.g. a full disk: no context manager will close it for us
+            self.close()
+            raise
 
     def paste(self, row: int, col: int, block: np.ndarray) -> None:
         h, w = block.shape
@@ -89,8 +93,14 @@ class DiskStack:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(np.uint8)
         self.ndim = 3
-        self.planes = [DiskCanvas(Path(folder) / f"plane-{c}.u8", self.shape[1:], fill=fill)
-                       for c in range(self.shape[0])]
+        self.planes: list[DiskCanvas] = []
+        try:
+            for c in range(self.shape[0]):
+                self.planes.append(DiskCanvas(Path(folder) / f"plane-{c}.u8", self.shape[1:],
+                                              fill=fill))
+        except BaseException:
+            self.close()
+            raise
 
     def paste(self, row: int, col: int, block: np.ndarray) -> None:
         for plane, b in zip(self.planes, block):
