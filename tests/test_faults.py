@@ -320,3 +320,20 @@ def test_batch_rerun_removes_what_a_killed_run_left(slide, model, tmp_path):
     assert r.exit_code == 0, r.output
     assert not stale.exists()
     assert json.loads((out_dir / "s.json").read_text())["map"]["path"] == str(out_dir / "s.tif")
+
+
+def test_onnxruntime_stays_quiet_under_an_unwritable_home(tmp_path):
+    """`docker run --user N` leaves HOME unwritable; ONNX Runtime's warning about it must not
+    come before our one-line error (it does with -v)."""
+    import shutil
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run as another user")
+    wsiseg = Path(sys.executable).with_name("wsiseg")
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(wsiseg),
+           "segment", "/nonexistent/s.svs", "-o", f"/tmp/wsiseg-test-{os.getpid()}/m.tif"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HOME": "/"})
+    if "Permission denied" in r.stderr and "wsiseg: error" not in r.stderr:
+        pytest.skip("the other user cannot read this checkout")
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "wsiseg: error: slide not found: /nonexistent/s.svs"], r.stderr
+    assert not Path(f"/tmp/wsiseg-test-{os.getpid()}").exists()

@@ -6,19 +6,43 @@ and output layout, class count, tile size), and run on batches of uint8 RGB tile
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ortstate
 
 from .contract import ContractError, ModelContract, from_metadata
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _stderr_silenced(silence: bool) -> Iterator[None]:
+    """Send what C code writes to stderr (fd 2) to /dev/null inside the block."""
+    if not silence:
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# ONNX Runtime warns on stderr while it is imported, e.g. that it cannot store a telemetry id
+# under an unwritable HOME (`docker run --user N`): noise before our own one-line messages,
+# shown only when our log shows INFO (-v). Import errors still raise.
+with _stderr_silenced(not log.isEnabledFor(logging.INFO)):
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as _ortstate
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 _PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",

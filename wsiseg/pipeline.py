@@ -28,7 +28,7 @@ from .canvas import DiskCanvas, DiskStack
 from .contract import to_metadata
 from .engine import Model, check_tile_px, fixed_tile_px, load_model
 from .files import write_text_atomic
-from .outputs import OutputError, OutputSet, check_distinct, check_output
+from .outputs import OutputError, OutputSet, check_distinct, check_output  # noqa: F401 (API)
 from .slide import ReadPlan, Slide
 from .slide import versions as slide_versions
 from .tiling import Tile, choose_tile_px, computed_px_ratio, tile_grid, tiles_on_mask
