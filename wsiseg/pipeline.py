@@ -2,8 +2,9 @@
 
 ``segment_slide`` is the Python API behind ``wsiseg segment``. It logs (never prints), reports
 progress through a callback, and returns the report it wrote. The label canvas lives in a
-disk-backed memmap beside the output, so memory stays flat however large the slide; every
-output is written to a temporary name and moved into place only when complete.
+file in the staging folder beside the output, so memory stays flat however large the slide; every
+output is written under a temporary name and they are moved into place together, the report
+last (``wsiseg.outputs``).
 """
 
 from __future__ import annotations
