@@ -337,3 +337,15 @@ def test_onnxruntime_stays_quiet_under_an_unwritable_home(tmp_path):
     assert r.returncode == 1 and r.stderr.splitlines() == [
         "wsiseg: error: slide not found: /nonexistent/s.svs"], r.stderr
     assert not Path(f"/tmp/wsiseg-test-{os.getpid()}").exists()
+
+
+def test_report_on_a_full_disk_keeps_the_old_files(slide, model, tmp_path, monkeypatch):
+    assert run("segment", slide, "-o", tmp_path / "m.tif", "--model", model, "-q").exit_code == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr("wsiseg.analysis.write_geojson", full)
+    r = run("report", tmp_path / "m.tif", "--overwrite", "--tsr-field-um", "1000")
+    assert "No space left on device" in one_line_error(r, 1)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -8,20 +8,28 @@ Every error is one line on stderr; progress too goes to stderr, machine-readable
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import math
 import os
-import signal
 import sys
-import threading
 from importlib import resources
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .cli_options import (
+    Group,
+    LazyDefault,
+    checked,
+    configure_logging,
+    default_from,
+    log_settings,
+    mpp_value,
+    size_um,
+    tile_px_value,
+    verbosity,
+)
 
 log = logging.getLogger("wsiseg")
 
@@ -45,176 +53,16 @@ def default_model() -> Path:
     return shipped
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .analysis import MapError
-    from .batch import BatchInputError
-    from .contract import ContractError
-    from .engine import ModelError
-    from .outputs import OutputError
-    from .slide import SlideError
-    return (SlideError, ModelError, ContractError, OutputError, MapError, BatchInputError,
-            FileNotFoundError,
-            PermissionError, IsADirectoryError)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (docker stop, Slurm, kill): unwinds and cleans up exactly like Ctrl-C."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, lambda *_: None)  # a second one must not cut the cleanup short
-    raise Terminated()
-
-
-def _os_error(e: OSError) -> str:
-    where = f": {e.filename}" if e.filename else ""
-    return f"{e.strerror or e}{where}"
-
-
-class _Group(click.Group):
-    """One line on stderr for every error: usage errors exit 2, the project's own errors and
-    failing file operations 1, Ctrl-C 130, SIGTERM 143."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):  # type: ignore[override]
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except click.UsageError as e:
-            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-            click.echo(f"wsiseg: error: {e.format_message()}{hint}", err=True)
-            sys.exit(e.exit_code)
-        except click.ClickException as e:
-            click.echo(f"wsiseg: error: {e.format_message()}", err=True)
-            sys.exit(e.exit_code)
-        except click.Abort:  # Ctrl-C while click itself was prompting or parsing
-            click.echo("wsiseg: interrupted", err=True)
-            sys.exit(130)
-        sys.exit(code if isinstance(code, int) else 0)
-
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        in_main = threading.current_thread() is threading.main_thread()  # signal's rule
-        previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
-        try:
-            return super().invoke(ctx)
-        except _user_errors() as e:
-            click.echo(f"wsiseg: error: {e}", err=True)
-            ctx.exit(1)
-        except OSError as e:  # a full disk, an I/O error: say which, in one line
-            click.echo(f"wsiseg: error: {_os_error(e)}", err=True)
-            ctx.exit(1)
-        except KeyboardInterrupt as e:
-            what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-            click.echo(f"wsiseg: {what}; no unfinished output was left behind", err=True)
-            ctx.exit(code)
-        finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous)
-
-
-# -- option values: checked by click, so that a bad one is a usage error (exit 2) --------------
-
-class _LazyDefault(click.Option):
-    """An option whose default comes from an options dataclass, read when it is needed (a run
-    or --help), so that `wsiseg --version` does not import numpy and scipy."""
-
-    def get_default(self, ctx: click.Context, call: bool = True):  # type: ignore[override]
-        return super().get_default(ctx, call=True)
-
-
-def _default(module: str, cls: str, *names: str):
-    """The default of field ``names`` (a path through nested dataclasses) of wsiseg.MODULE.CLS."""
-    def get():
-        value = getattr(importlib.import_module(f"wsiseg.{module}"), cls)()
-        for name in names:
-            value = getattr(value, name)
-        return value
-    return get
-
-
-def _checked(check):
-    """A click callback that runs ``check(value)`` (which raises ValueError) on a given value."""
-    def callback(ctx: click.Context, param: click.Parameter, value):
-        if value is None:
-            return None
-        try:
-            return check(value)
-        except ValueError as e:
-            raise click.BadParameter(str(e)) from None
-    return callback
-
-
-def _size_um(*, zero_ok: bool):
-    def check(value: float) -> float:
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-            raise ValueError(f"must be a finite {'non-negative' if zero_ok else 'positive'} "
-                             f"number, got {value:g}")
-        return value
-    return check
-
-
-def _mpp(value: float) -> float:
-    from .pipeline import check_mpp_override
-    return check_mpp_override(value)
-
-
-def _tile_px(value: int) -> int:
-    from .pipeline import check_tile_size
-    return check_tile_size(value)
-
-
-def _verbosity(f):
-    """-q / -v, accepted before and after the subcommand."""
-    f = click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbose,
-                     help="More log output (-vv for debug).")(f)
-    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
-                        help="Only errors; no progress bar.")(f)
-
-
-def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
-    obj = _log_settings(ctx)
-    obj["verbose"] += value
-    _configure_logging(obj)
-
-
-def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    obj = _log_settings(ctx)
-    obj["quiet"] = obj["quiet"] or value
-    _configure_logging(obj)
-
-
-def _log_settings(ctx: click.Context) -> dict:
-    root = ctx.find_root()
-    if root.obj is None:
-        root.obj = {"quiet": False, "verbose": 0, "owns_logging": False}
-    ctx.obj = root.obj
-    return root.obj
-
-
-def _configure_logging(obj: dict) -> None:
-    """Log to stderr at the level -q / -v ask for (left alone when the host program, e.g. a
-    test runner, configured logging itself)."""
-    level = logging.ERROR if obj["quiet"] else \
-        [logging.WARNING, logging.INFO, logging.DEBUG][min(obj["verbose"], 2)]
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=level, format="wsiseg: %(levelname)s: %(message)s",
-                            stream=sys.stderr)
-        obj["owns_logging"] = True
-    if obj["owns_logging"]:
-        root.setLevel(level)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsiseg")
-@_verbosity
+@verbosity
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Segment H&E whole-slide images into tissue classes and measure the tumour-stroma ratio."""
-    _configure_logging(_log_settings(ctx))
+    configure_logging(log_settings(ctx))
 
 
-MPP_OPTION = dict(type=float, callback=_checked(_mpp),
+MPP_OPTION = dict(type=float, callback=checked(mpp_value),
                   help="Level-0 microns per pixel, overriding the slide's (0.05-100).")
 
 
@@ -223,7 +71,7 @@ MPP_OPTION = dict(type=float, callback=_checked(_mpp),
 @click.option("--mpp", **MPP_OPTION)
 @click.option("--model", type=click.Path(path_type=Path), help="Model whose read plan to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
-@_verbosity
+@verbosity
 def info(slide: Path, mpp: float | None, model: Path | None, as_json: bool) -> None:
     """Show a slide's format, levels, pixel size, and what segment would read."""
     from .slide import Slide
@@ -270,15 +118,15 @@ def analysis_flags(f):
         click.option("--no-geojson", is_flag=True, help="Skip the QuPath GeoJSON."),
         click.option("--no-preview", is_flag=True, help="Skip the preview PNG."),
         click.option("--no-csv", is_flag=True, help="Skip the one-row CSV."),
-        click.option("--tsr-field-um", type=float, cls=_LazyDefault, show_default=True,
-                     default=_default("tsr", "TSRConfig", "field_diameter_um"),
-                     callback=_checked(_size_um(zero_ok=False)),
+        click.option("--tsr-field-um", type=float, cls=LazyDefault, show_default=True,
+                     default=default_from("tsr", "TSRConfig", "field_diameter_um"),
+                     callback=checked(size_um(zero_ok=False)),
                      help="Diameter of the circular TSR field."),
-        click.option("--tsr-margin-um", type=float, cls=_LazyDefault, show_default=True,
-                     default=_default("tsr", "TSRConfig", "bulk_margin_um"),
-                     callback=_checked(_size_um(zero_ok=True)),
+        click.option("--tsr-margin-um", type=float, cls=LazyDefault, show_default=True,
+                     default=default_from("tsr", "TSRConfig", "bulk_margin_um"),
+                     callback=checked(size_um(zero_ok=True)),
                      help="Margin added around the tumour bulk for whole-tumour TSR."),
-        _verbosity,
+        verbosity,
     ]):
         f = opt(f)
     return f
@@ -295,21 +143,21 @@ def analysis_flags(f):
                    "shipped model).")
 @click.option("--mpp", **MPP_OPTION)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
-              cls=_LazyDefault, default=_default("pipeline", "SegmentOptions", "device"),
+              cls=LazyDefault, default=default_from("pipeline", "SegmentOptions", "device"),
               show_default=True, help="Where to run the model; auto = CUDA if available, else CPU.")
-@click.option("--tile-px", type=int, callback=_checked(_tile_px),
+@click.option("--tile-px", type=int, callback=checked(tile_px_value),
               help="Input tile size, a multiple of the model's, at most 8192 (default: the size "
                    "up to 1024 that computes the fewest pixels).")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Tiles per model call (default 1 on CPU, 4 on GPU).")
-@click.option("--workers", type=click.IntRange(min=1), cls=_LazyDefault, show_default=True,
-              default=_default("pipeline", "SegmentOptions", "workers"),
+@click.option("--workers", type=click.IntRange(min=1), cls=LazyDefault, show_default=True,
+              default=default_from("pipeline", "SegmentOptions", "workers"),
               help="Slide reader threads.")
 @click.option("--no-tissue-mask", is_flag=True,
               help="Run the model on every tile, not only tissue.")
-@click.option("--min-tissue-um2", type=float, cls=_LazyDefault, show_default=True,
-              default=_default("tissue", "TissueParams", "min_tissue_um2"),
-              callback=_checked(_size_um(zero_ok=True)),
+@click.option("--min-tissue-um2", type=float, cls=LazyDefault, show_default=True,
+              default=default_from("tissue", "TissueParams", "min_tissue_um2"),
+              callback=checked(size_um(zero_ok=True)),
               help="Ignore tissue pieces smaller than this.")
 @click.option("--probabilities", is_flag=True, help="Also write MAP.prob.tif (class scores x255).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
