@@ -8,12 +8,24 @@ stays small however large the slide.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import numpy as np
 
 _FILL_BYTES = 8 << 20
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """``os.pwrite`` until every byte is written: a write may be cut short (a signal, a file
+    system near full); one that writes nothing means the disk is full."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
 
 
 class DiskCanvas:
@@ -28,11 +40,15 @@ class DiskCanvas:
         self.ndim = 2
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        rows = max(1, _FILL_BYTES // self.shape[1])
-        chunk = np.full((rows, self.shape[1]), fill, np.uint8).tobytes()
-        for r in range(0, self.shape[0], rows):
-            n = min(rows, self.shape[0] - r)
-            os.pwrite(self._fd, chunk[: n * self.shape[1]], r * self.shape[1])
+        try:
+            rows = max(1, _FILL_BYTES // self.shape[1])
+            chunk = np.full((rows, self.shape[1]), fill, np.uint8).tobytes()
+            for r in range(0, self.shape[0], rows):
+                n = min(rows, self.shape[0] - r)
+                _pwrite_all(self._fd, chunk[: n * self.shape[1]], r * self.shape[1])
+        except BaseException:  # e.g. a full disk: no context manager will close it for us
+            self.close()
+            raise
 
     def paste(self, row: int, col: int, block: np.ndarray) -> None:
         h, w = block.shape
@@ -41,15 +57,22 @@ class DiskCanvas:
         block = np.ascontiguousarray(block, np.uint8)
         width = self.shape[1]
         for i in range(h):
-            os.pwrite(self._fd, block[i].data, (row + i) * width + col)
+            _pwrite_all(self._fd, block[i].data, (row + i) * width + col)
 
     def __getitem__(self, key: slice) -> np.ndarray:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("DiskCanvas supports row slices canvas[r0:r1] only")
         r0, r1, _ = key.indices(self.shape[0])
         n = max(0, r1 - r0) * self.shape[1]
-        data = os.pread(self._fd, n, r0 * self.shape[1])
-        return np.frombuffer(data, np.uint8).reshape(max(0, r1 - r0), self.shape[1]).copy()
+        out = bytearray(n)
+        done = 0
+        while done < n:  # a read may return fewer bytes than asked
+            data = os.pread(self._fd, n - done, r0 * self.shape[1] + done)
+            if not data:
+                raise OSError(errno.EIO, f"label canvas {self.path} is shorter than expected")
+            out[done:done + len(data)] = data
+            done += len(data)
+        return np.frombuffer(out, np.uint8).reshape(max(0, r1 - r0), self.shape[1])
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -70,8 +93,14 @@ class DiskStack:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(np.uint8)
         self.ndim = 3
-        self.planes = [DiskCanvas(Path(folder) / f"plane-{c}.u8", self.shape[1:], fill=fill)
-                       for c in range(self.shape[0])]
+        self.planes: list[DiskCanvas] = []
+        try:
+            for c in range(self.shape[0]):
+                self.planes.append(DiskCanvas(Path(folder) / f"plane-{c}.u8", self.shape[1:],
+                                              fill=fill))
+        except BaseException:
+            self.close()
+            raise
 
     def paste(self, row: int, col: int, block: np.ndarray) -> None:
         for plane, b in zip(self.planes, block):

@@ -1,7 +1,9 @@
 """Command line: the only module that knows click, exit codes and the terminal.
 
-Exit codes: 0 success, 1 failure (bad slide, model, output, ...), 2 usage error, 130 interrupted.
-Progress and messages go to stderr; machine-readable results (``info --json``) to stdout.
+Exit codes: 0 success, 1 failure (bad slide, model, output, full disk, ...), 2 usage error (a bad
+option value included), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM: docker stop, Slurm).
+Every error is one line on stderr; progress too goes to stderr, machine-readable results
+(``info --json``, ``report``) to stdout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,18 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_options import (
+    Group,
+    LazyDefault,
+    checked,
+    configure_logging,
+    default_from,
+    log_settings,
+    mpp_value,
+    size_um,
+    tile_px_value,
+    verbosity,
+)
 
 log = logging.getLogger("wsiseg")
 
@@ -39,50 +53,25 @@ def default_model() -> Path:
     return shipped
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .analysis import MapError
-    from .batch import BatchInputError
-    from .contract import ContractError
-    from .engine import ModelError
-    from .pipeline import OutputError
-    from .slide import SlideError
-    return (SlideError, ModelError, ContractError, OutputError, MapError, BatchInputError,
-            FileNotFoundError,
-            PermissionError, IsADirectoryError)
-
-
-class _Group(click.Group):
-    """Turns the project's own errors into one line on stderr and exit code 1."""
-
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except _user_errors() as e:
-            click.echo(f"wsiseg: error: {e}", err=True)
-            ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("wsiseg: interrupted; no output was left at the final path", err=True)
-            ctx.exit(130)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="wsiseg")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bar.")
+@verbosity
 @click.pass_context
-def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+def main(ctx: click.Context) -> None:
     """Segment H&E whole-slide images into tissue classes and measure the tumour-stroma ratio."""
-    levels = [logging.WARNING, logging.INFO, logging.DEBUG]
-    level = logging.ERROR if quiet else levels[min(verbose, 2)]
-    logging.basicConfig(level=level, format="wsiseg: %(levelname)s: %(message)s", stream=sys.stderr)
-    ctx.obj = {"quiet": quiet}
+    configure_logging(log_settings(ctx))
+
+
+MPP_OPTION = dict(type=float, callback=checked(mpp_value),
+                  help="Level-0 microns per pixel, overriding the slide's (0.05-100).")
 
 
 @main.command()
 @click.argument("slide", type=click.Path(path_type=Path))
-@click.option("--mpp", type=float, help="Level-0 microns per pixel, overriding the slide's.")
+@click.option("--mpp", **MPP_OPTION)
 @click.option("--model", type=click.Path(path_type=Path), help="Model whose read plan to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@verbosity
 def info(slide: Path, mpp: float | None, model: Path | None, as_json: bool) -> None:
     """Show a slide's format, levels, pixel size, and what segment would read."""
     from .slide import Slide
@@ -129,10 +118,15 @@ def analysis_flags(f):
         click.option("--no-geojson", is_flag=True, help="Skip the QuPath GeoJSON."),
         click.option("--no-preview", is_flag=True, help="Skip the preview PNG."),
         click.option("--no-csv", is_flag=True, help="Skip the one-row CSV."),
-        click.option("--tsr-field-um", type=float, default=2200.0, show_default=True,
+        click.option("--tsr-field-um", type=float, cls=LazyDefault, show_default=True,
+                     default=default_from("tsr", "TSRConfig", "field_diameter_um"),
+                     callback=checked(size_um(zero_ok=False)),
                      help="Diameter of the circular TSR field."),
-        click.option("--tsr-margin-um", type=float, default=250.0, show_default=True,
+        click.option("--tsr-margin-um", type=float, cls=LazyDefault, show_default=True,
+                     default=default_from("tsr", "TSRConfig", "bulk_margin_um"),
+                     callback=checked(size_um(zero_ok=True)),
                      help="Margin added around the tumour bulk for whole-tumour TSR."),
+        verbosity,
     ]):
         f = opt(f)
     return f
@@ -147,17 +141,23 @@ def analysis_flags(f):
 @click.option("--model", type=click.Path(path_type=Path),
               help=f"ONNX model with a wsiseg contract (default: ${DEFAULT_MODEL_ENV} or the "
                    "shipped model).")
-@click.option("--mpp", type=float, help="Slide level-0 microns per pixel, overriding the slide's.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+@click.option("--mpp", **MPP_OPTION)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+              cls=LazyDefault, default=default_from("pipeline", "SegmentOptions", "device"),
               show_default=True, help="Where to run the model; auto = CUDA if available, else CPU.")
-@click.option("--tile-px", type=int,
-              help="Input tile size, a multiple of the model's (default: the size up to 1024 "
-                   "that computes the fewest pixels).")
-@click.option("--batch-size", type=int, help="Tiles per model call (default 1 on CPU, 4 on GPU).")
-@click.option("--workers", type=int, default=2, show_default=True, help="Slide reader threads.")
+@click.option("--tile-px", type=int, callback=checked(tile_px_value),
+              help="Input tile size, a multiple of the model's, at most 8192 (default: the size "
+                   "up to 1024 that computes the fewest pixels).")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Tiles per model call (default 1 on CPU, 4 on GPU).")
+@click.option("--workers", type=click.IntRange(min=1), cls=LazyDefault, show_default=True,
+              default=default_from("pipeline", "SegmentOptions", "workers"),
+              help="Slide reader threads.")
 @click.option("--no-tissue-mask", is_flag=True,
               help="Run the model on every tile, not only tissue.")
-@click.option("--min-tissue-um2", type=float, default=20_000.0, show_default=True,
+@click.option("--min-tissue-um2", type=float, cls=LazyDefault, show_default=True,
+              default=default_from("tissue", "TissueParams", "min_tissue_um2"),
+              callback=checked(size_um(zero_ok=True)),
               help="Ignore tissue pieces smaller than this.")
 @click.option("--probabilities", is_flag=True, help="Also write MAP.prob.tif (class scores x255).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path),
@@ -181,23 +181,55 @@ def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_fil
     from .tissue import TissueParams
     if not slides and list_file is None:
         raise click.UsageError("give at least one slide (or --list FILE)")
-    if (batch_size is not None and batch_size < 1) or workers < 1:
-        raise click.BadParameter("--batch-size and --workers must be at least 1")
     options = SegmentOptions(
         tile_px=tile_px, batch_size=batch_size, workers=workers, device=device, mpp=mpp,
         tissue=None if no_tissue_mask else TissueParams(min_tissue_um2=min_tissue_um2),
         probabilities=probabilities)
     analysis = _analysis_options(no_tsr, no_geojson, no_preview, no_csv, tsr_field_um,
                                  tsr_margin_um)
-    batch = (len(slides) != 1 or list_file is not None or slides[0].is_dir()
-             or any(ch in str(slides[0]) for ch in "*?[") or output.is_dir())
-    if batch and report_path is not None:
-        raise click.UsageError("--report names one file; in batch mode the reports go to the "
-                               "output folder")
+    batch = _is_batch(slides, list_file, output)
+    _check_outputs(batch, output, report_path, options, analysis)
     loaded = load_model(model or default_model(), device=device)
+    if tile_px is not None:
+        from .engine import ModelError, check_tile_px
+        try:
+            check_tile_px(loaded, tile_px)
+        except ModelError as e:
+            raise click.BadParameter(str(e), param_hint="'--tile-px'") from None
     run = _segment_batch if batch else _segment_one
     run(ctx, slides=slides, list_file=list_file, output=output, model=loaded, options=options,
         analysis=analysis, report_path=report_path, overwrite=overwrite)
+
+
+def _is_batch(slides: tuple[Path, ...], list_file: Path | None, output: Path) -> bool:
+    """Several slides, a folder, a pattern or a list; or one slide into an existing folder
+    (one named like a map, ``X.tif``, is an error in ``_check_outputs``)."""
+    from .outputs import MAP_SUFFIXES
+    return (len(slides) != 1 or list_file is not None or slides[0].is_dir()
+            or any(ch in str(slides[0]) for ch in "*?[")
+            or (output.is_dir() and output.suffix.lower() not in MAP_SUFFIXES))
+
+
+def _check_outputs(batch: bool, output: Path, report_path: Path | None, options, analysis
+                   ) -> None:
+    """Output paths that cannot work are usage errors, found before the model loads."""
+    from .outputs import OutputError
+    from .pipeline import planned_outputs
+    if batch:
+        if report_path is not None:
+            raise click.UsageError("--report names one file; in batch mode the reports go to "
+                                   "the output folder")
+        if output.exists() and not output.is_dir():
+            raise click.BadParameter(f"{output} is a file; with several slides -o names the "
+                                     "output folder", param_hint="'-o' / '--output'")
+        return
+    if output.is_dir():
+        raise click.BadParameter(f"{output} is a folder; name the map file inside it, e.g. "
+                                 f"{output / 'map.tif'}", param_hint="'-o' / '--output'")
+    try:
+        planned_outputs(output, report_path=report_path, options=options, analysis=analysis)
+    except OutputError as e:
+        raise click.BadParameter(str(e), param_hint="'-o' / '--report'") from None
 
 
 def _segment_one(ctx: click.Context, *, slides, output, model, options, analysis, report_path,
@@ -221,8 +253,9 @@ def _segment_batch(ctx: click.Context, *, slides, output, model, options, analys
     from .batch import FAILED, expand_slides, run_batch
     from .pipeline import segment_slide
     quiet = ctx.obj["quiet"]
+    from .files import make_folders, remove_empty
     paths = expand_slides(list(slides), list_file=list_file)
-    output.mkdir(parents=True, exist_ok=True)
+    created = make_folders([output])
 
     def process(slide: Path, outs: dict[str, Path]) -> None:
         with _progress(quiet, slide.name) as (on_start, progress):
@@ -234,7 +267,11 @@ def _segment_batch(ctx: click.Context, *, slides, output, model, options, analys
         if warning:
             click.echo(f"wsiseg: warning: {slide.name}: {warning}", err=True)
 
-    statuses = run_batch(paths, output, process=process, overwrite=overwrite)
+    try:
+        statuses = run_batch(paths, output, process=process, overwrite=overwrite)
+    except BaseException:
+        remove_empty(created)  # a folder made for this batch, unless something was written
+        raise
     counts = {k: sum(s.status == k for s in statuses) for k in ("ok", "skipped", FAILED)}
     if not quiet:
         click.echo(f"{len(statuses)} slides: {counts['ok']} ok, {counts['skipped']} skipped, "
@@ -288,7 +325,7 @@ def _summary(output: Path, report: dict) -> str:
 @click.argument("map_path", metavar="MAP", type=click.Path(path_type=Path))
 @click.option("--slide", type=click.Path(path_type=Path),
               help="The slide the map was made from (for the preview's background).")
-@click.option("--mpp", type=float, help="Slide level-0 microns per pixel, overriding the slide's.")
+@click.option("--mpp", **MPP_OPTION)
 @analysis_flags
 @click.option("--overwrite", is_flag=True, help="Replace existing analysis outputs.")
 def report(map_path: Path, slide: Path | None, mpp: float | None, no_tsr: bool, no_geojson: bool,
@@ -297,13 +334,14 @@ def report(map_path: Path, slide: Path | None, mpp: float | None, no_tsr: bool, 
     """Measure an existing class MAP (no inference): class areas, TSR, TSR map, GeoJSON,
     preview and CSV beside the map; the measurements as JSON on stdout."""
     from .analysis import analyse_map, outputs_beside
-    from .pipeline import check_output
+    from .outputs import OutputSet, check_output
     if not map_path.is_file():
         raise FileNotFoundError(f"map not found: {map_path}")
     options = _analysis_options(no_tsr, no_geojson, no_preview, no_csv, tsr_field_um,
                                 tsr_margin_um)
-    outputs = outputs_beside(map_path)
-    for path in options.wanted(outputs):
+    wanted = options.wanted(outputs_beside(map_path))
+    finals = {k: p for k, p in outputs_beside(map_path).items() if p in wanted}
+    for path in finals.values():
         check_output(path, overwrite=overwrite)
     thumbnail = None
     if slide is not None:
@@ -311,7 +349,11 @@ def report(map_path: Path, slide: Path | None, mpp: float | None, no_tsr: bool, 
         with Slide(slide, mpp=mpp) as s:
             rgb, _, thumb_mpp = s.thumbnail(8.0)
         thumbnail = (rgb, thumb_mpp)
-    section = analyse_map(map_path, options=options, thumbnail=thumbnail, outputs=outputs)
+    with OutputSet(finals) as out_set:  # all the files, or none of them
+        section = analyse_map(map_path, options=options, thumbnail=thumbnail,
+                              outputs={k: out_set.staged(k) for k in finals})
+        out_set.publish()
+    section["outputs"] = {k: str(finals[k]) for k in section["outputs"]}
     click.echo(json.dumps(section, indent=2))
 
 

@@ -6,19 +6,43 @@ and output layout, class count, tile size), and run on batches of uint8 RGB tile
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from onnxruntime.capi import onnxruntime_pybind11_state as _ortstate
 
 from .contract import ContractError, ModelContract, from_metadata
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _stderr_silenced(silence: bool) -> Iterator[None]:
+    """Send what C code writes to stderr (fd 2) to /dev/null inside the block."""
+    if not silence:
+        yield
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# ONNX Runtime warns on stderr while it is imported, e.g. that it cannot store a telemetry id
+# under an unwritable HOME (`docker run --user N`): noise before our own one-line messages,
+# shown only when our log shows INFO (-v). Import errors still raise.
+with _stderr_silenced(not log.isEnabledFor(logging.INFO)):
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as _ortstate
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 _PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -93,7 +117,12 @@ class Model:
 
 
 def _session(path: Path, providers: list[str]) -> ort.InferenceSession:
+    # ONNX Runtime's own warnings (e.g. telemetry that cannot write to an unwritable HOME) are
+    # noise before our one-line messages: errors only, unless our log shows INFO (-v).
+    severity = 2 if log.isEnabledFor(logging.INFO) else 3
+    ort.set_default_logger_severity(severity)
     opts = ort.SessionOptions()
+    opts.log_severity_level = severity
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     provider_args: list = []
     for p in providers:
@@ -163,11 +192,12 @@ def check_tile_px(model: Model, tile_px: int) -> None:
     c = model.contract
     fixed = fixed_tile_px(model)
     if fixed and tile_px != fixed:
-        raise ModelError(f"this model takes {fixed}px tiles only; drop --tile-px")
+        raise ModelError(f"this model takes {fixed} px tiles only, not {tile_px}; leave the "
+                         "tile size to the model")
     if tile_px % c.size_multiple or tile_px <= 2 * c.border_px:
         hint = max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)
-        raise ModelError(f"--tile-px {tile_px} must be a multiple of {c.size_multiple} and larger "
-                         f"than {2 * c.border_px}; try {hint}")
+        raise ModelError(f"tile size {tile_px} px does not fit this model: it must be a multiple "
+                         f"of {c.size_multiple} and larger than {2 * c.border_px}; try {hint}")
 
 
 def versions() -> dict[str, str]:

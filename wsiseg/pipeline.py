@@ -2,8 +2,9 @@
 
 ``segment_slide`` is the Python API behind ``wsiseg segment``. It logs (never prints), reports
 progress through a callback, and returns the report it wrote. The label canvas lives in a
-disk-backed memmap beside the output, so memory stays flat however large the slide; every
-output is written to a temporary name and moved into place only when complete.
+file in the staging folder beside the output, so memory stays flat however large the slide; every
+output is written under a temporary name and they are moved into place together, the report
+last (``wsiseg.outputs``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import platform
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, engine
-from .analysis import AnalysisOptions, analyse_map, outputs_beside
+from .analysis import OUTPUT_SUFFIXES, AnalysisOptions, analyse_map, outputs_beside
 from .canvas import DiskCanvas, DiskStack
 from .contract import to_metadata
 from .engine import Model, check_tile_px, fixed_tile_px, load_model
 from .files import write_text_atomic
+from .outputs import OutputError, OutputSet, check_distinct, check_output  # noqa: F401 (API)
 from .qc import ConfidenceTally, qc_section, stain_lab
 from .slide import ReadPlan, Slide
 from .slide import versions as slide_versions
@@ -39,8 +41,10 @@ from .writer import write_pyramid, write_stack
 log = logging.getLogger(__name__)
 
 
-class OutputError(ValueError):
-    """An output path cannot be used; the message says what to do."""
+# Bounds on the options: beyond them a run cannot be meant (a typo, mm for um) and would only
+# fail late, or exhaust memory.
+MPP_RANGE = (0.05, 100.0)  # slide mpp override, microns per pixel
+MAX_TILE_PX = 8192
 
 
 @dataclass(frozen=True)
@@ -54,35 +58,44 @@ class SegmentOptions:
     thumbnail_mpp: float = 8.0
     probabilities: bool = False
 
+    def __post_init__(self) -> None:
+        if self.mpp is not None:
+            check_mpp_override(self.mpp)
+        if self.tile_px is not None:
+            check_tile_size(self.tile_px)
+        for name in ("batch_size", "workers"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if not (math.isfinite(self.thumbnail_mpp) and self.thumbnail_mpp > 0):
+            raise ValueError(f"thumbnail_mpp must be positive, got {self.thumbnail_mpp!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def check_mpp_override(mpp: float) -> float:
+    """A slide mpp given by hand, within :data:`MPP_RANGE` (with a hint for millimetres)."""
+    lo, hi = MPP_RANGE
+    if not (math.isfinite(mpp) and lo <= mpp <= hi):
+        hint = (f"; that looks like millimetres: {mpp * 1000:g} um/px?" if 0 < mpp < lo
+                and lo <= mpp * 1000 <= hi else
+                " (microns per pixel at level 0: 0.25 for 40x, 0.5 for 20x)")
+        raise ValueError(f"the slide's pixel size must be {lo:g} to {hi:g} um/px, got {mpp:g}"
+                         + hint)
+    return mpp
+
+
+def check_tile_size(tile_px: int) -> int:
+    """The model-independent bound on the tile size (``plan_tiles`` checks the model's)."""
+    if not (isinstance(tile_px, int) and 1 <= tile_px <= MAX_TILE_PX):
+        raise ValueError(f"the tile size must be 1 to {MAX_TILE_PX} px (a multiple of the "
+                         f"model's size multiple), got {tile_px!r}")
+    return tile_px
+
+
 def default_report_path(map_path: Path) -> Path:
     return map_path.with_suffix(".json")
-
-
-def check_output(path: Path, *, overwrite: bool) -> None:
-    """Fail early (before any work) on an output that exists or cannot be written."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} exists; pass --overwrite to replace it")
-    if path.is_dir():
-        raise OutputError(f"{path} is a folder; give a file name such as {path / 'map.tif'}")
-    if not folder.exists():
-        try:
-            folder.mkdir(parents=True)
-        except OSError as e:
-            raise OutputError(f"cannot create output folder {folder} ({e.strerror}); "
-                              "choose another -o") from None
-    if not folder.is_dir():
-        raise OutputError(f"output folder {folder} is not a folder; choose another -o")
-    try:  # a real probe: permission bits say nothing to root or on read-only mounts
-        with tempfile.TemporaryFile(dir=folder, prefix=".wsiseg-probe-"):
-            pass
-    except OSError as e:
-        raise OutputError(f"output folder {folder} is not writable ({e.strerror}); "
-                          "choose another -o") from None
 
 
 def _read_ahead(slide: Slide, plan: ReadPlan, tiles: list[Tile], tile_px: int, workers: int
@@ -183,9 +196,11 @@ def plan_tiles(slide: Slide, model: Model, options: SegmentOptions) -> TilePlan:
     thumb, scanned, thumb_mpp = slide.thumbnail(thumbnail_mpp(slide, options))
     mask = scanned if options.tissue is None else \
         tissue_mask(thumb, scanned, mpp=thumb_mpp, params=options.tissue)
-    tile_px = options.tile_px or fixed_tile_px(model) or choose_tile_px(
-        plan.out_shape, None if options.tissue is None else mask,
-        border_px=c.border_px, multiple=c.size_multiple, smallest_px=c.tile_px)
+    tile_px = options.tile_px
+    if tile_px is None:  # not `or`: a tile size of 0 is an error, not "choose one"
+        tile_px = fixed_tile_px(model) or choose_tile_px(
+            plan.out_shape, None if options.tissue is None else mask,
+            border_px=c.border_px, multiple=c.size_multiple, smallest_px=c.tile_px)
     check_tile_px(model, tile_px)
     all_tiles = tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px)
     tiles = all_tiles if options.tissue is None else \
@@ -207,6 +222,26 @@ def preview_mpp(slide: Slide, long_px: int = 900) -> float:
     return max(slide.info.mpp, max(w, h) * slide.info.mpp / long_px)
 
 
+def planned_outputs(out_path: str | Path, *, report_path: str | Path | None = None,
+                    options: SegmentOptions = SegmentOptions(),
+                    analysis: AnalysisOptions | None = AnalysisOptions(),
+                    outputs: dict[str, Path] | None = None) -> dict[str, Path]:
+    """Every file a run writes, in publishing order: the map first, the report (the mark that
+    the set is complete) last. Raises OutputError when the map is not a TIFF or two outputs
+    share a path."""
+    out_path = Path(out_path)
+    outputs = outputs or outputs_beside(out_path)
+    finals = {"map": out_path}
+    if options.probabilities:
+        finals["prob"] = out_path.with_suffix(".prob.tif")
+    if analysis:
+        wanted = analysis.wanted(outputs)
+        finals.update({k: Path(p) for k, p in outputs.items() if p in wanted})
+    finals["report"] = Path(report_path) if report_path else default_report_path(out_path)
+    check_distinct(finals)
+    return finals
+
+
 def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model | str | Path,
                   options: SegmentOptions = SegmentOptions(), report_path: str | Path | None = None,
                   analysis: AnalysisOptions | None = AnalysisOptions(),
@@ -218,80 +253,106 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
     Unless ``analysis`` is None, the class statistics, TSR, TSR map, GeoJSON and preview are
     made from the written map (``wsiseg.analysis``), at ``outputs`` (default: beside the map).
     ``on_start(n_tiles)`` is called once the tile count is known, ``progress(n)`` after each
-    batch. Returns the report (also written to ``report_path``, default ``MAP.json``), which is
-    written last: its presence means the outputs are complete."""
+    batch. Returns the report (also written to ``report_path``, default ``MAP.json``).
+
+    All files are written under temporary names and moved into place together, the report
+    last (``wsiseg.outputs.OutputSet``): an error or interrupt leaves none of them."""
     t_start = time.perf_counter()
-    out_path = Path(out_path)
-    report_path = Path(report_path) if report_path else default_report_path(out_path)
-    outputs = outputs or outputs_beside(out_path)
-    extra = [out_path.with_suffix(".prob.tif")] if options.probabilities else []
-    for p in [out_path, report_path, *extra, *(analysis.wanted(outputs) if analysis else [])]:
+    finals = planned_outputs(out_path, report_path=report_path, options=options,
+                             analysis=analysis, outputs=outputs)
+    for p in finals.values():
         check_output(p, overwrite=overwrite)
     if isinstance(model, (str, Path)):
         model = load_model(model, device=options.device)
-    c = model.contract
-    on_gpu = model.providers[0] != "CPUExecutionProvider"
-    batch_size = options.batch_size or (4 if on_gpu else 1)
-
-    with Slide(slide_path, mpp=options.mpp) as slide:
+    with OutputSet(finals) as out_set, Slide(slide_path, mpp=options.mpp) as slide:
         tp = plan_tiles(slide, model, options)
-        plan, thumb, thumb_mpp, mask = tp.plan, tp.thumb, tp.thumb_mpp, tp.mask
-        tile_px, all_tiles, tiles = tp.tile_px, tp.all_tiles, tp.tiles
-        preview = (thumb, thumb_mpp)
-        if analysis and analysis.preview and preview_mpp(slide) < 0.75 * thumb_mpp:
-            rgb, _, rgb_mpp = slide.thumbnail(preview_mpp(slide))  # a small slide: finer
-            preview = (rgb, rgb_mpp)
-        log.info("%s: %d of %d tiles of %dpx hold tissue", Path(slide_path).name, len(tiles),
-                 len(all_tiles), tile_px)
+        preview = _preview_image(slide, tp, analysis)
+        log.info("%s: %d of %d tiles of %dpx hold tissue", Path(slide_path).name, len(tp.tiles),
+                 len(tp.all_tiles), tp.tile_px)
         if on_start:
-            on_start(len(tiles))
-        with contextlib.ExitStack() as stack:
-            tmp = stack.enter_context(
-                tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".wsiseg-"))
-            canvas = stack.enter_context(DiskCanvas(Path(tmp) / "labels.u8", plan.out_shape,
-                                                    fill=c.background_value))
-            probs = stack.enter_context(DiskStack(tmp, (c.n_classes, *plan.out_shape))) \
-                if options.probabilities else None
-            tally = ConfidenceTally()
-            timing = run_tiles(model, slide, plan, tiles, canvas=canvas, probs=probs,
-                               tile_px=tile_px, batch_size=batch_size, workers=options.workers,
-                               progress=progress, tally=tally)
-            counts = class_counts(canvas, c.n_classes + 1)
-            qc = qc_section(c.qc, tally, stain_lab(thumb, mask))
-            description = {"wsiseg": __version__, "kind": "class map", "mpp": plan.mpp,
-                           "slide": Path(slide_path).name, "slide_mpp": slide.info.mpp,
-                           "legend": c.legend(), "contract": to_metadata(c), "qc": qc}
-            colormap = [(0, 0, 0)] + [k.color for k in c.classes]
-            t0 = time.perf_counter()
-            levels = write_pyramid(out_path, canvas, mpp=plan.mpp, colormap=colormap,
-                          description=description)
-            if probs is not None:
-                write_stack(out_path.with_suffix(".prob.tif"), probs, mpp=plan.mpp,
-                            names=c.class_names,
-                            description={**description, "kind": "class probabilities x255"})
-            timing["write_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    section = analyse_map(out_path, options=analysis, thumbnail=preview,
-                          outputs=outputs, counts=counts) if analysis else {}
-    timing["analysis_s"] = time.perf_counter() - t0
+            on_start(len(tp.tiles))
+        counts, levels, timing, qc = _infer_and_write(model, slide, tp, out_set, options, progress)
+        t0 = time.perf_counter()
+        section: dict = {}
+        if analysis:
+            staged = {k: out_set.staged(k) for k in OUTPUT_SUFFIXES if k in finals}
+            section = analyse_map(out_set.staged("map"), options=analysis, thumbnail=preview,
+                                  outputs=staged, counts=counts)
+            section["outputs"] = {k: str(finals[k]) for k in section["outputs"]}
+        timing["analysis_s"] = time.perf_counter() - t0
+        timing["total_s"] = time.perf_counter() - t_start
+        report = _report(slide, model, options, tp, finals["map"], levels=levels, counts=counts,
+                         section=section, timing=timing, qc=qc)
+        write_text_atomic(out_set.staged("report"), json.dumps(report, indent=2) + "\n")
+        out_set.publish()
+    return report
 
+
+def _batch_size(model: Model, options: SegmentOptions) -> int:
+    on_gpu = model.providers[0] != "CPUExecutionProvider"
+    return options.batch_size or (4 if on_gpu else 1)
+
+
+def _preview_image(slide: Slide, tp: TilePlan, analysis: AnalysisOptions | None
+                   ) -> tuple[np.ndarray, float]:
+    """The slide image for the preview: the thumbnail, or a finer one for a small slide."""
+    if analysis and analysis.preview and preview_mpp(slide) < 0.75 * tp.thumb_mpp:
+        rgb, _, rgb_mpp = slide.thumbnail(preview_mpp(slide))
+        return rgb, rgb_mpp
+    return tp.thumb, tp.thumb_mpp
+
+
+def _infer_and_write(model: Model, slide: Slide, tp: TilePlan, out_set: OutputSet,
+                     options: SegmentOptions, progress: Callable[[int], None] | None
+                     ) -> tuple[np.ndarray, list[tuple[int, int]], dict[str, float], dict]:
+    """Run the tiles into a label canvas in the staging folder and write the staged map (and
+    probabilities); return (pixel count per map value, level shapes, timings, QC block)."""
+    c, plan = model.contract, tp.plan
+    with contextlib.ExitStack() as stack:
+        canvas = stack.enter_context(DiskCanvas(out_set.work / "labels.u8", plan.out_shape,
+                                                fill=c.background_value))
+        probs = stack.enter_context(DiskStack(out_set.work, (c.n_classes, *plan.out_shape))) \
+            if options.probabilities else None
+        tally = ConfidenceTally()
+        timing = run_tiles(model, slide, plan, tp.tiles, canvas=canvas, probs=probs,
+                           tile_px=tp.tile_px, batch_size=_batch_size(model, options),
+                           workers=options.workers, progress=progress, tally=tally)
+        counts = class_counts(canvas, c.n_classes + 1)
+        qc = qc_section(c.qc, tally, stain_lab(tp.thumb, tp.mask))
+        description = {"wsiseg": __version__, "kind": "class map", "mpp": plan.mpp,
+                       "slide": Path(slide.info.path).name, "slide_mpp": slide.info.mpp,
+                       "legend": c.legend(), "contract": to_metadata(c), "qc": qc}
+        colormap = [(0, 0, 0)] + [k.color for k in c.classes]
+        t0 = time.perf_counter()
+        levels = write_pyramid(out_set.staged("map"), canvas, mpp=plan.mpp, colormap=colormap,
+                               description=description)
+        if probs is not None:
+            write_stack(out_set.staged("prob"), probs, mpp=plan.mpp, names=c.class_names,
+                        description={**description, "kind": "class probabilities x255"})
+        timing["write_s"] = time.perf_counter() - t0
+    return counts, levels, timing, qc
+
+
+def _report(slide: Slide, model: Model, options: SegmentOptions, tp: TilePlan, map_path: Path,
+            *, levels: list[tuple[int, int]], counts: np.ndarray, section: dict,
+            timing: dict[str, float], qc: dict) -> dict:
+    c, plan, tiles = model.contract, tp.plan, tp.tiles
     out_px = plan.out_shape[0] * plan.out_shape[1]
     px_mm2 = plan.mpp * plan.mpp / 1e6
-    timing["total_s"] = time.perf_counter() - t_start
     timing["tissue_mpx_per_s"] = len(tiles) and (
         sum(t.core_h * t.core_w for t in tiles) / 1e6 / timing["tiles_s"])
-    report = {
+    return {
         "wsiseg": __version__,
         "slide": slide.info.to_dict(),
-        "map": {"path": str(out_path), "mpp": plan.mpp, "shape": list(plan.out_shape),
+        "map": {"path": str(map_path), "mpp": plan.mpp, "shape": list(plan.out_shape),
                 "levels": [list(lv) for lv in levels], "read_plan": plan.to_dict()},
         "model": model.to_dict(),
-        "parameters": {**options.to_dict(), "tile_px": tile_px, "batch_size": batch_size,
-                       "border_px": c.border_px},
-        "tiles": {"total": len(all_tiles), "run": len(tiles),
-                  "computed_px_per_output_px": computed_px_ratio(len(tiles), tile_px=tile_px,
+        "parameters": {**options.to_dict(), "tile_px": tp.tile_px,
+                       "batch_size": _batch_size(model, options), "border_px": c.border_px},
+        "tiles": {"total": len(tp.all_tiles), "run": len(tiles),
+                  "computed_px_per_output_px": computed_px_ratio(len(tiles), tile_px=tp.tile_px,
                                                                  out_px=out_px)},
-        "tissue_mm2": area_mm2(mask, mpp=thumb_mpp),
+        "tissue_mm2": area_mm2(tp.mask, mpp=tp.thumb_mpp),
         "class_area_mm2": {name: float(counts[i + 1]) * px_mm2
                            for i, name in enumerate(c.class_names)},
         "not_analysed_mm2": float(counts[0]) * px_mm2,
@@ -300,8 +361,6 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
         "timing": timing,
         "software": software_versions(),
     }
-    write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
-    return report
 
 
 def software_versions() -> dict[str, str]:

@@ -152,7 +152,8 @@ class Slide:
         if mpp is not None:
             if not (mpp > 0 and math.isfinite(mpp)):
                 self._osr.close()
-                raise SlideError(f"--mpp must be a positive number of microns per pixel, got {mpp}")
+                raise SlideError("the pixel size given must be a positive number of microns, "
+                                 f"got {mpp}")
             found: tuple[float, str] | None = (float(mpp), "override")
         else:
             found = _mpp_from_properties(props)

@@ -27,7 +27,6 @@ import math
 import mmap
 import os
 import secrets
-import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import tifffile
 
 from wsiseg import __version__
+from wsiseg.files import owned_name, owned_prefix, remove_stale
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +249,10 @@ def _atomic(path: str | os.PathLike) -> Iterator[Path]:
         raise FileNotFoundError(f"output folder {folder} does not exist")
     if final.is_dir():
         raise IsADirectoryError(f"output path {final} is a folder")
-    prefix = f".{final.name}.tmp-{socket.gethostname()}-"
-    _remove_stale(folder, prefix)
+    tag = f".{final.name}.tmp"
+    remove_stale(folder, owned_prefix(tag))
     # Not mkstemp: its 0600 mode would end up on the final file; os.open honours the umask.
-    tmp = folder / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = folder / owned_name(tag, secrets.token_hex(4))
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as e:
@@ -263,29 +263,6 @@ def _atomic(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:  # including KeyboardInterrupt: never leave the temporary file
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _remove_stale(folder: Path, prefix: str) -> None:
-    """Delete temporary files left by writers on this host that were killed (pid in the name)."""
-    for entry in os.scandir(folder):
-        pid = entry.name[len(prefix):].split("-")[0]
-        if (not entry.name.startswith(prefix) or not pid.isdigit() or int(pid) == os.getpid()
-                or _running(int(pid))):
-            continue
-        try:
-            os.unlink(entry.path)
-        except OSError as e:  # e.g. another user's file in a shared folder: do not fail for it
-            log.warning("could not remove stale temporary file %s: %s", entry.path, e.strerror)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 def level_shapes(path: str | os.PathLike) -> list[tuple[int, int]]:
