@@ -95,6 +95,9 @@ class TrainSection:
     export: bool = True                  # export best.pt to model.onnx at the end
     threads: int = 0                     # CPU threads for torch (0 = torch's default); 1 is
                                          # fastest when other processes share the cores
+    init: str = ""                       # start from these weights: an ONNX model exported by
+                                         # wsiseg-train or a .pt checkpoint (training/init.py)
+    freeze_norm: bool = False            # batch norms keep their running statistics
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,12 @@ def from_dict(raw: Mapping[str, Any], base_dir: Path) -> Config:
     if "classes" not in raw["model"]:
         raise ConfigError("model.classes is missing: list the class names, e.g. "
                           'classes = ["tumour", "stroma"]')
+    train_raw = dict(raw.get("train", {}))
+    if isinstance(train_raw.get("init"), str):
+        train_raw["init"] = _resolve(train_raw["init"], base_dir)
     cfg = Config(model=_build(ModelSection, raw["model"], "model"),
                  data=_build(DataSection, {**data, "sets": tuple(sets)}, "data"),
-                 train=_build(TrainSection, raw.get("train", {}), "train"),
+                 train=_build(TrainSection, train_raw, "train"),
                  augment=_build(AugmentConfig, raw.get("augment", {}), "augment"))
     check(cfg)
     return cfg

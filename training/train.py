@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .config import Config, config_from_saved, to_dict
+from .init import freeze_norm_statistics, load_onnx_weights
 from .losses import sparse_loss
 from .metrics import dice_counts, dice_scores, write_log
 from .sampling import Sampler, validation_set
@@ -97,6 +98,22 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], cfg: Config) -> 
             "with, or start a new run folder") from None
 
 
+def start_from(model: torch.nn.Module, cfg: Config) -> None:
+    """Initial weights from ``train.init`` (an exported ONNX model or a checkpoint)."""
+    path = Path(cfg.train.init)
+    if not path.is_file():
+        raise CheckpointError(f"train.init: {path} not found; give an ONNX model exported by "
+                              "wsiseg-train or a .pt checkpoint")
+    if path.suffix == ".onnx":
+        try:
+            load_onnx_weights(model, path)
+        except ValueError as e:
+            raise CheckpointError(f"train.init: {e}") from None
+    else:
+        load_weights(model, load_checkpoint(path)["model"], cfg)
+    log.info("starting from the weights of %s", path)
+
+
 def check_resumable(saved: Config, cfg: Config) -> None:
     a, b = to_dict(saved), to_dict(cfg)
     for section, key in RESUMABLE_KEYS:
@@ -153,6 +170,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
     elif (run_dir / "last.pt").exists():
         raise CheckpointError(f"{run_dir} already holds a run; use --resume to continue it or "
                               "choose another run folder")
+    elif cfg.train.init:
+        start_from(model, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     names = list(cfg.model.classes)
     values = class_values(cfg)
@@ -176,6 +195,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
 
         while state["epoch"] < cfg.train.epochs:
             model.train()
+            if cfg.train.freeze_norm:
+                freeze_norm_statistics(model)
             t0, losses = time.perf_counter(), []
             for _ in range(cfg.train.iterations):
                 images, labels = sampler.batch(cfg.train.batch_size, rng)
