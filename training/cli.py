@@ -24,8 +24,8 @@ def _fail(message: str, code: int) -> None:
 
 def _run(fn, *args, **kwargs):
     """Call fn, turning the errors a user can fix into one-line messages."""
+    from .checkpoint import CheckpointError
     from .export import ExportError
-    from .train import CheckpointError
 
     try:
         return fn(*args, **kwargs)

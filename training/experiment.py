@@ -155,10 +155,11 @@ def score(checkpoint: Path, cfg: Config) -> dict[str, Any]:
     """Per-class and overall Dice of a checkpoint on the whole validation crops (dense labels)."""
     import torch
 
+    from .checkpoint import load as load_checkpoint
     from .data import load_pairs
     from .metrics import dice_counts, dice_scores
     from .sets import class_values, pair_mapping
-    from .train import load_checkpoint, model_from_checkpoint
+    from .train import model_from_checkpoint
 
     _, model = model_from_checkpoint(load_checkpoint(checkpoint))
     model.eval()

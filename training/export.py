@@ -97,7 +97,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, tolerance: float = 1
     """Export ``checkpoint`` (a .pt file or a run folder) to ``out``; returns a report."""
     import onnx
 
-    from .train import load_checkpoint, model_from_checkpoint
+    from .checkpoint import load as load_checkpoint
+    from .train import model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     cfg, model = model_from_checkpoint(ckpt)

@@ -4,7 +4,8 @@ A run folder holds ``last.pt`` and ``best.pt`` (weights, optimiser, loop state, 
 the resolved config), ``metrics.csv``/``metrics.json``/``plot.png`` and, at the end,
 ``model.onnx``. ``resume=True`` continues from ``last.pt``; because the random states are saved
 at the end of every epoch, a resumed run reaches the same weights as one that never stopped
-(on CPU; CUDA kernels are not bit-reproducible).
+(on CPU; CUDA kernels are not bit-reproducible). Checkpoints hold tensors and plain data only
+and are read without unpickling code (:mod:`.checkpoint`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import FORMAT, CheckpointError
+from .checkpoint import load as load_checkpoint
+from .checkpoint import save as save_checkpoint
 from .config import Config, config_from_saved, to_dict
 from .init import freeze_norm_statistics, load_onnx_weights
 from .losses import sparse_loss
@@ -30,13 +32,8 @@ from .sets import build_data, class_values
 from .unet import UNetConfig, build_model, count_parameters
 
 log = logging.getLogger(__name__)
-FORMAT = "wsiseg-train/1"
 RESUMABLE_KEYS = (("train", "epochs"), ("train", "export"), ("train", "device"),
                   ("train", "threads"))
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or does not fit the requested model."""
 
 
 def unet_config(cfg: Config) -> UNetConfig:
@@ -57,27 +54,6 @@ def select_device(name: str) -> torch.device:
         raise ValueError("train.device = \"cuda\" but no CUDA GPU is visible; use \"cpu\" or "
                          "\"auto\"")
     return torch.device(name)
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; give a run folder or a .pt file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a wsiseg-train checkpoint")
-    return ckpt
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Config, torch.nn.Module]:
