@@ -151,8 +151,8 @@ def analysis_flags(f):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
               show_default=True, help="Where to run the model; auto = CUDA if available, else CPU.")
 @click.option("--tile-px", type=int,
-              help="Input tile size, a multiple of the model's (default: the size up to 1024 "
-                   "that computes the fewest pixels).")
+              help="Input tile size, a multiple of the model's (default: the size up to 1024, "
+                   "2048 for wide borders, that computes the fewest pixels).")
 @click.option("--batch-size", type=int, help="Tiles per model call (default 1 on CPU, 4 on GPU).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Slide reader threads.")
 @click.option("--no-tissue-mask", is_flag=True,

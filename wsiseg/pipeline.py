@@ -44,7 +44,7 @@ class OutputError(ValueError):
 
 @dataclass(frozen=True)
 class SegmentOptions:
-    tile_px: int | None = None  # None: the size up to 1024 that computes the fewest pixels
+    tile_px: int | None = None  # None: the size (up to tiling.largest_tile_px) computing fewest px
     batch_size: int | None = None  # None: 1 on the CPU, 4 on a GPU
     workers: int = 2  # reader threads
     device: str = "auto"
