@@ -11,8 +11,8 @@ tile size, and compares the maps:
   there windows stick out of the slide and read background, which the two tilings cut at
   different places (a separate effect from seams between tiles).
 
-``wsiseg-train seams`` (or :func:`tile_agreement`) reruns it for any model, e.g. after the default
-model is replaced.
+:func:`tile_agreement` (or ``benchmarks/bench_seams.py --model M.onnx``) reruns it for any
+model, e.g. after the default model is replaced.
 """
 
 from __future__ import annotations
