@@ -153,7 +153,7 @@ def analysis_flags(f):
 @click.option("--tile-px", type=int,
               help="Input tile size, a multiple of the model's (default: the size up to 1024, "
                    "2048 for wide borders, that computes the fewest pixels).")
-@click.option("--batch-size", type=int, help="Tiles per model call (default 1 on CPU, 4 on GPU).")
+@click.option("--batch-size", type=int, help="Tiles per model call (default 1 on CPU, 4 × 1024² px on GPU).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Slide reader threads.")
 @click.option("--no-tissue-mask", is_flag=True,
               help="Run the model on every tile, not only tissue.")

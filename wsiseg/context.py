@@ -75,7 +75,9 @@ def sample_windows(slide_path: str | Path, model: Model, *, side_px: int, sample
     rng = np.random.default_rng(seed)
     with Slide(slide_path, mpp=mpp) as slide:
         plan = slide.plan(model.contract.mpp)
-        thumb, scanned, thumb_mpp = slide.thumbnail(8.0)
+        w, h = slide.info.l0_size  # a thumbnail of at most ~4 Mpx, as segment_slide reads
+        thumb, scanned, thumb_mpp = slide.thumbnail(
+            max(8.0, (w * h / 4e6) ** 0.5 * slide.info.mpp))
         mask = tissue_mask(thumb, scanned, mpp=thumb_mpp, params=TissueParams(margin_um=0.0))
         rows, cols = plan.out_shape
         if rows < side_px or cols < side_px:
@@ -171,9 +173,9 @@ def measure_context(model: Model, *, slide: str | Path | None = None, mpp: float
     if bad := [k for k in ("max_px", "window_px") if getattr(params, k) % m]:
         raise ContextError(f"{' and '.join(bad)} must be multiples of {m} (the model's "
                            f"size_multiple {model.contract.size_multiple}, at least 8)")
-    if params.window_px < 2 * m or params.max_px < 2 * m or params.samples < 1:
+    if params.window_px < 2 * m or params.max_px < 2 * m or params.samples < 2:
         raise ContextError(f"window_px must be at least {2 * m}, max_px at least {2 * m} and "
-                           f"samples at least 1")
+                           f"samples at least 2 (the swap takes another window's tissue)")
     if slide is None and not DEFAULT_TISSUE.is_file():
         raise ContextError("the demo mosaic (examples/ebhi-val-mosaic.tif) is not beside this "
                            "installation; pass a slide with tissue to measure on")

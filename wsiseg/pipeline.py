@@ -45,7 +45,7 @@ class OutputError(ValueError):
 @dataclass(frozen=True)
 class SegmentOptions:
     tile_px: int | None = None  # None: the size (up to tiling.largest_tile_px) computing fewest px
-    batch_size: int | None = None  # None: 1 on the CPU, 4 on a GPU
+    batch_size: int | None = None  # None: 1 on the CPU; on a GPU 4 tiles of 1024 px or as many px
     workers: int = 2  # reader threads
     device: str = "auto"
     mpp: float | None = None  # slide mpp override
@@ -225,12 +225,13 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
         model = load_model(model, device=options.device)
     c = model.contract
     on_gpu = model.providers[0] != "CPUExecutionProvider"
-    batch_size = options.batch_size or (4 if on_gpu else 1)
 
     with Slide(slide_path, mpp=options.mpp) as slide:
         tp = plan_tiles(slide, model, options)
         plan, thumb, thumb_mpp, mask = tp.plan, tp.thumb, tp.thumb_mpp, tp.mask
         tile_px, all_tiles, tiles = tp.tile_px, tp.all_tiles, tp.tiles
+        batch_size = options.batch_size or (  # a GPU call holds at most 4 Mpx, as 4 x 1024²
+            max(1, 4 * 1024 ** 2 // tile_px ** 2) if on_gpu else 1)
         preview = (thumb, thumb_mpp)
         if analysis and analysis.preview and preview_mpp(slide) < 0.75 * thumb_mpp:
             rgb, _, rgb_mpp = slide.thumbnail(preview_mpp(slide))  # a small slide: finer
