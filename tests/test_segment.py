@@ -245,6 +245,18 @@ def test_default_tile_size_computes_fewest_pixels():
     assert choose_tile_px((20000, 20000), mask, border_px=32, multiple=16) == 384
 
 
+def test_wide_borders_get_larger_default_tiles():
+    """The largest default tile grows with the border (about 16 x), so that on a large slide
+    the border costs at most about 30 %, up to 2048 px."""
+    from wsiseg.tiling import choose_tile_px, largest_tile_px, tile_grid
+    assert largest_tile_px(32, multiple=16) == 1024
+    assert largest_tile_px(112, multiple=16) == 1920
+    assert largest_tile_px(300, multiple=16) == 2048
+    t = choose_tile_px((20000, 20000), None, border_px=112, multiple=16, smallest_px=240)
+    n = len(tile_grid((20000, 20000), tile_px=t, border_px=112))
+    assert t > 1024 and n * t * t / 20000 ** 2 < 1.35  # 1.28 plus the grid remainder
+
+
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_block_mean_and_majority_match_a_plain_reshape(k):
     from wsiseg.slide import _block_majority, block_mean

@@ -59,7 +59,11 @@ def test_exported_model_matches_torch_and_carries_the_contract(run):
     assert session.get_inputs()[0].type == "tensor(uint8)"
     contract = from_metadata(session.get_modelmeta().custom_metadata_map)
     assert contract.class_names == ["tumour", "healthy glands", "other"]
-    assert (contract.size_multiple, contract.tile_px, contract.border_px) == (4, 64, 8)
+    # the border is the measured context (not the config's 8), recorded with its curve
+    context = contract.training["context"]
+    assert contract.size_multiple == 4 and contract.border_px == context["context_px"] > 0
+    assert contract.tile_px == max(64, -(-(2 * contract.border_px + 4) // 4) * 4)
+    assert context["tissue"] == "ebhi-val-mosaic.tif" and len(context["curve"]) >= 2
     assert contract.input == "uint8" and contract.tumour_classes == ("tumour",)
     # the exported weights are those of the best epoch
     assert contract.training["iterations"] == 8 * contract.training["best_epoch"]
@@ -83,6 +87,10 @@ def test_export_and_evaluate_commands(run, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     assert report["max_abs_diff"] < 1e-3 and report["opset"] == 18
+    result = CliRunner().invoke(main, ["export", str(out), "-o", str(tmp_path / "fixed.onnx"),
+                                       "--no-context"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["border_px"] == 8  # the config's
     result = CliRunner().invoke(main, ["evaluate", str(tmp_path / "m.onnx"), str(CONFIG),
                                        "--split", "val", *_overrides(NARROW[6:8])])
     assert result.exit_code == 0, result.output

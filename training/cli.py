@@ -24,6 +24,8 @@ def _fail(message: str, code: int) -> None:
 
 def _run(fn, *args, **kwargs):
     """Call fn, turning the errors a user can fix into one-line messages."""
+    from wsiseg.context import ContextError
+
     from .checkpoint import CheckpointError
     from .export import ExportError
 
@@ -31,7 +33,7 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (ConfigError, CheckpointError, AnnotationError, FileNotFoundError) as e:
         _fail(str(e), 2)
-    except ExportError as e:
+    except (ExportError, ContextError) as e:
         _fail(str(e), 1)
     except (ValueError, OSError) as e:
         _fail(str(e), 2)
@@ -70,14 +72,61 @@ def train(config: Path, run_dir: Path | None, overrides: tuple[str, ...], resume
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="ONNX file to write.")
-def export(run: Path, output: Path) -> None:
-    """Export RUN (a run folder, whose best.pt is used, or a .pt checkpoint) to ONNX."""
+@click.option("--no-context", is_flag=True,
+              help="Keep the config's model.border_px instead of measuring the context.")
+def export(run: Path, output: Path, no_context: bool) -> None:
+    """Export RUN (a run folder, whose best.pt is used, or a .pt checkpoint) to ONNX.
+
+    The border the engine discards is set from the model's measured effective context (see
+    ``wsiseg-train context``) unless --no-context is given."""
     from .export import export_onnx
 
-    report = _run(export_onnx, run, output)
+    report = _run(export_onnx, run, output, context=not no_context)
+    border = report["contract"]["border_px"]
     click.echo(f"wrote {report['path']}: opset {report['opset']}, ONNX Runtime vs torch max abs "
-               f"diff {report['max_abs_diff']:.3g}", err=True)
-    click.echo(json.dumps({k: report[k] for k in ("path", "opset", "exporter", "max_abs_diff")}))
+               f"diff {report['max_abs_diff']:.3g}, border {border}px", err=True)
+    click.echo(json.dumps({**{k: report[k] for k in ("path", "opset", "exporter",
+                                                     "max_abs_diff")}, "border_px": border}))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--apply", "apply_it", is_flag=True,
+              help="Write the measured border into MODEL (replaced atomically) or into -o.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="With --apply: write the updated model here instead of replacing MODEL.")
+@click.option("--slide", type=click.Path(path_type=Path),
+              help="Tissue to measure on (default: examples/ebhi-val-mosaic.tif).")
+@click.option("--mpp", type=float, help="The slide's level-0 microns per pixel, if it has none.")
+@click.option("--max-px", type=int, default=160, show_default=True,
+              help="Context of the reference window; distances below it are tried "
+                   "(a multiple of the model's size_multiple).")
+@click.option("--samples", type=int, default=12, show_default=True,
+              help="Windows on tissue to measure on.")
+def context(model: Path, apply_it: bool, output: Path | None, slide: Path | None,
+            mpp: float | None, max_px: int, samples: int) -> None:
+    """Measure MODEL's effective context: how far input still changes an output pixel.
+
+    Prints the label flips and probability changes per distance on stderr and the result as
+    JSON on stdout; with --apply, sets the model's border_px to it (metadata only)."""
+    from wsiseg.context import ContextParams
+
+    from .border import apply_context, measure
+
+    if output and not apply_it:
+        raise click.UsageError("-o/--output is only used with --apply")
+    params = ContextParams(max_px=max_px, samples=samples)
+    fn = apply_context if apply_it else measure
+    kwargs = {"out": output} if apply_it else {}
+    result = _run(fn, model, slide=slide, mpp=mpp, params=params, **kwargs)
+    click.echo("distance px   cut flips  cut dp   swap flips  swap dp", err=True)
+    for row in result["curve"]:
+        click.echo(f"{row['distance_px']:11d}   {row['cut_flips']:9.3%}  {row['cut_prob']:6.4f}"
+                   f"   {row['swap_flips']:10.3%}  {row['swap_prob']:7.4f}", err=True)
+    click.echo(f"effective context: {result['context_px']} px"
+               + (f"; border_px set to {result['border_px']} in {result['path']}"
+                  if apply_it else ""), err=True)
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "contract"}))
 
 
 @main.command()

@@ -37,7 +37,7 @@ class ModelSection:
     colour: str = "rgb"                  # rgb | grey (the network sees luminance only)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)    # of RGB scaled to 0-1
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
-    border_px: int = 32                  # output pixels the engine discards at tile borders
+    border_px: int = 32                  # tile border for `export --no-context` (else measured)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsiseg.context import ContextParams
 from wsiseg.contract import PAPER_CLASSES, ModelContract, TissueClass, to_metadata
 
+from .border import apply_context
 from .config import Config
 from .unet import size_multiple
 
@@ -93,8 +95,13 @@ def parity(model: torch.nn.Module, path: Path, sizes: list[tuple[int, int, int]]
     return worst
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, *, tolerance: float = 1e-3) -> dict:
-    """Export ``checkpoint`` (a .pt file or a run folder) to ``out``; returns a report."""
+def export_onnx(checkpoint: str | Path, out: str | Path, *, tolerance: float = 1e-3,
+                context: bool = True, context_params: ContextParams = ContextParams()) -> dict:
+    """Export ``checkpoint`` (a .pt file or a run folder) to ``out``; returns a report.
+
+    With ``context`` the contract's ``border_px`` is the model's measured effective context
+    (``training/border.py``; the measurement is recorded in the contract's ``training``
+    record), else the config's ``model.border_px``."""
     import onnx
 
     from .checkpoint import load as load_checkpoint
@@ -131,6 +138,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, tolerance: float = 1
     if not diff <= tolerance:
         tmp.unlink(missing_ok=True)
         raise ExportError(f"ONNX Runtime and torch differ by {diff:.3g} (> {tolerance})")
+    try:
+        if context:
+            contract_dict = apply_context(tmp, params=context_params)["contract"]
+        else:
+            contract_dict = json.loads(json.dumps(contract.to_dict()))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, out)
     return {"path": str(out), "opset": OPSET, "exporter": "torchscript (dynamo=False)",
-            "max_abs_diff": diff, "contract": json.loads(json.dumps(contract.to_dict()))}
+            "max_abs_diff": diff, "contract": contract_dict}

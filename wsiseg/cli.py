@@ -147,7 +147,7 @@ def analysis_flags(f):
               show_default=True, help="Where to run the model; auto = CUDA if available, else CPU.")
 @click.option("--tile-px", type=int, callback=checked(tile_px_value),
               help="Input tile size, a multiple of the model's, at most 8192 (default: the size "
-                   "up to 1024 that computes the fewest pixels).")
+                   "up to 1024, 2048 for wide borders, that computes the fewest pixels).")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Tiles per model call (default 1 on CPU, 4 on GPU).")
 @click.option("--workers", type=click.IntRange(min=1), cls=LazyDefault, show_default=True,

@@ -14,7 +14,8 @@ Keys (all values are strings; structured values are JSON):
 ``wsiseg.version``          model version
 ``wsiseg.mpp``              microns per pixel the model expects its input at
 ``wsiseg.tile_px``          recommended input tile size (square), e.g. ``"384"``
-``wsiseg.border_px``        output pixels to discard on each side of a tile
+``wsiseg.border_px``        output pixels to discard on each side of a tile (set from the
+                            model's measured effective context, ``wsiseg.context``)
 ``wsiseg.size_multiple``    input height and width must be multiples of this
 ``wsiseg.classes``          JSON list of ``{"name": str, "color": [r, g, b]}``;
                             output channel ``k`` is class value ``k + 1`` in maps

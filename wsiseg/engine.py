@@ -124,6 +124,9 @@ def _session(path: Path, providers: list[str]) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = severity
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Without the CPU arena the default model's peak memory on a 1024 / 2048 px tile is 1.1 /
+    # 3.7 GB instead of 2.0 / 8.7 GB (the arena keeps and grows freed blocks), at the same speed.
+    opts.enable_cpu_mem_arena = False
     provider_args: list = []
     for p in providers:
         if p == "TensorrtExecutionProvider":

@@ -74,14 +74,28 @@ def computed_px_ratio(n_tiles: int, *, tile_px: int, out_px: int) -> float:
     return n_tiles * tile_px * tile_px / max(1, out_px)
 
 
+def largest_tile_px(border_px: int, *, multiple: int, cap_px: int = 2048) -> int:
+    """The largest default tile: 1024 px, or more for a wide border, so that on a large slide
+    the border costs at most about 30 % ((T / (T - 2b))² <= 1.3 for T >= 16.3 b), up to
+    ``cap_px``: on the CPU the default model peaks at 1.1 GB on a 1024 px tile, 2.2 GB on
+    1536 px and 3.7 GB on 2048 px (a smaller ``--tile-px`` where that memory is not there;
+    on a GPU the batch shrinks as tiles grow)."""
+    step = multiple * max(1, 128 // multiple)
+    want = -(-int(16.3 * border_px) // step) * step
+    return max(1024, min(cap_px, want))
+
+
 def choose_tile_px(out_shape: tuple[int, int], mask: np.ndarray | None, *, border_px: int,
-                   multiple: int, largest_px: int = 1024, smallest_px: int = 384) -> int:
+                   multiple: int, largest_px: int | None = None, smallest_px: int = 384) -> int:
     """The tile size (a multiple of ``multiple``) that computes the fewest pixels for this slide.
 
-    Per-pixel model cost is about the same from 384 to 1024 px tiles, so the total cost is
+    Per-pixel model cost is about the same from 384 to 2048 px tiles, so the total cost is
     (tiles run) x tile_px²: large tiles waste less on borders, but on a small slide or thin
-    tissue a smaller tile wastes less past the edges. Candidates are compared on the real grid
-    and tissue mask; ties go to the larger tile (fewer model calls)."""
+    tissue a smaller tile wastes less past the edges. Candidates (up to ``largest_px``, default
+    :func:`largest_tile_px`) are compared on the real grid and tissue mask; ties go to the
+    larger tile (fewer model calls)."""
+    if largest_px is None:
+        largest_px = largest_tile_px(border_px, multiple=multiple)
     step = multiple * max(1, 128 // multiple)
     lo = max(step, -(-max(smallest_px, 2 * border_px + multiple) // step) * step)
     hi = max(lo, largest_px // step * step)
