@@ -24,14 +24,18 @@ def _fail(message: str, code: int) -> None:
 
 def _run(fn, *args, **kwargs):
     """Call fn, turning the errors a user can fix into one-line messages."""
+    from wsiseg.contract import ContractError
+
     from .export import ExportError
+    from .quantgate import GateError
     from .train import CheckpointError
 
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, CheckpointError, AnnotationError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, AnnotationError, ContractError,
+            FileNotFoundError) as e:
         _fail(str(e), 2)
-    except ExportError as e:
+    except (ExportError, GateError) as e:
         _fail(str(e), 1)
     except (ValueError, OSError) as e:
         _fail(str(e), 2)
@@ -70,7 +74,10 @@ def train(config: Path, run_dir: Path | None, overrides: tuple[str, ...], resume
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="ONNX file to write.")
-def export(run: Path, output: Path) -> None:
+@click.option("--int8", "int8", is_flag=True,
+              help="Also write the gated int8 twin (X.int8.onnx), as `quantize` does with the "
+                   "run's own config.")
+def export(run: Path, output: Path, int8: bool) -> None:
     """Export RUN (a run folder, whose best.pt is used, or a .pt checkpoint) to ONNX."""
     from .export import export_onnx
 
@@ -78,6 +85,69 @@ def export(run: Path, output: Path) -> None:
     click.echo(f"wrote {report['path']}: opset {report['opset']}, ONNX Runtime vs torch max abs "
                f"diff {report['max_abs_diff']:.3g}", err=True)
     click.echo(json.dumps({k: report[k] for k in ("path", "opset", "exporter", "max_abs_diff")}))
+    if int8:
+        from .quantgate import make_int8_twin
+        from .train import load_checkpoint, model_from_checkpoint
+
+        cfg, _ = _run(model_from_checkpoint, _run(load_checkpoint, run))
+        _report_twin(_run(make_int8_twin, output, cfg))
+
+
+def _report_twin(result: dict) -> None:
+    from .quantgate import summary_lines
+
+    click.echo(f"wrote {result['path']} ({result['bytes'] / 1e6:.1f} MB, fp32 nodes: "
+               f"{', '.join(result['fp32_nodes']) or 'none'})", err=True)
+    for line in summary_lines(result["gate"]) if "gate" in result else []:
+        click.echo(line, err=True)
+    click.echo(json.dumps(result))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Twin to write (default: MODEL with .int8.onnx, where `wsiseg segment "
+                   "--precision int8` looks).")
+@click.option("--images", type=click.IntRange(1), default=64, show_default=True,
+              help="Train-split images of CONFIG's pair sets to calibrate on.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
+              default="minmax", show_default=True, help="Calibration of activation ranges.")
+@click.option("--exclude", multiple=True, metavar="NODE",
+              help="Keep this node in fp32 (repeatable; the logits head always is).")
+@click.option("--no-gate", is_flag=True, help="Skip the accuracy gate against MODEL.")
+@click.option("--demo", type=click.Path(path_type=Path), default=None,
+              help="Gate slide 1 (default: examples/ebhi-val-mosaic.tif).")
+@click.option("--kather", type=click.Path(path_type=Path), default=None,
+              help="Folder of labelled Kather 2016 tiles for gate slide 2.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config key (repeatable).")
+def quantize(model: Path, config: Path, output: Path | None, images: int, method: str,
+             exclude: tuple[str, ...], no_gate: bool, demo: Path | None, kather: Path | None,
+             overrides: tuple[str, ...]) -> None:
+    """Static int8 twin of the ONNX MODEL, calibrated on CONFIG's training images, then gated:
+    its labels must match MODEL's (per-class Dice >= 0.99, agreement >= 99 %) on two slides."""
+    from .quantgate import DEMO_SLIDE, KATHER_DIR, make_int8_twin
+
+    cfg = _run(load_config, config, list(overrides))
+    _report_twin(_run(make_int8_twin, model, cfg, output, n_images=images, method=method,
+                      exclude=exclude, gate=not no_gate, demo=demo or DEMO_SLIDE,
+                      kather=kather or KATHER_DIR))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Twin to write (default: MODEL with .fp16.onnx).")
+def fp16(model: Path, output: Path | None) -> None:
+    """Float16 twin of the ONNX MODEL for CUDA and TensorRT (gate it on a GPU:
+    benchmarks/gpu_check.sh)."""
+    from wsiseg.contract import twin_path
+
+    from .quantize import convert_fp16
+
+    result = _run(convert_fp16, model, output or twin_path(model, "fp16"))
+    click.echo(json.dumps(result))
 
 
 @main.command()

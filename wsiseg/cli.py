@@ -150,11 +150,16 @@ def analysis_flags(f):
 @click.option("--mpp", type=float, help="Slide level-0 microns per pixel, overriding the slide's.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
               show_default=True, help="Where to run the model; auto = CUDA if available, else CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32",
+              show_default=True,
+              help="Run the model's twin of this precision, found beside it (X.onnx -> "
+                   "X.int8.onnx); int8 is faster on CPUs, fp16 on GPUs.")
 @click.option("--tile-px", type=int,
               help="Input tile size, a multiple of the model's (default: the size up to 1024 "
                    "that computes the fewest pixels).")
 @click.option("--batch-size", type=int, help="Tiles per model call (default 1 on CPU, 4 on GPU).")
-@click.option("--workers", type=int, default=2, show_default=True, help="Slide reader threads.")
+@click.option("--workers", type=int,
+              help="Slide reader threads (default: half the cores, 2 to 8).")
 @click.option("--no-tissue-mask", is_flag=True,
               help="Run the model on every tile, not only tissue.")
 @click.option("--min-tissue-um2", type=float, default=20_000.0, show_default=True,
@@ -166,8 +171,9 @@ def analysis_flags(f):
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.pass_context
 def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_file: Path | None,
-            model: Path | None, mpp: float | None, device: str, tile_px: int | None,
-            batch_size: int | None, workers: int, no_tissue_mask: bool, min_tissue_um2: float,
+            model: Path | None, mpp: float | None, device: str, precision: str,
+            tile_px: int | None,
+            batch_size: int | None, workers: int | None, no_tissue_mask: bool, min_tissue_um2: float,
             probabilities: bool, report_path: Path | None, no_tsr: bool, no_geojson: bool,
             no_preview: bool, no_csv: bool, tsr_field_um: float, tsr_margin_um: float,
             overwrite: bool) -> None:
@@ -181,7 +187,7 @@ def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_fil
     from .tissue import TissueParams
     if not slides and list_file is None:
         raise click.UsageError("give at least one slide (or --list FILE)")
-    if (batch_size is not None and batch_size < 1) or workers < 1:
+    if (batch_size is not None and batch_size < 1) or (workers is not None and workers < 1):
         raise click.BadParameter("--batch-size and --workers must be at least 1")
     options = SegmentOptions(
         tile_px=tile_px, batch_size=batch_size, workers=workers, device=device, mpp=mpp,
@@ -194,10 +200,28 @@ def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_fil
     if batch and report_path is not None:
         raise click.UsageError("--report names one file; in batch mode the reports go to the "
                                "output folder")
-    loaded = load_model(model or default_model(), device=device)
+    loaded = load_model(_precision_twin(ctx, model or default_model(), precision), device=device)
+    if precision != "fp32" and loaded.contract.precision != precision:
+        click.echo(f"wsiseg: error: {loaded.path} says precision {loaded.contract.precision}, "
+                   f"not {precision}; rebuild the twin", err=True)
+        ctx.exit(2)
     run = _segment_batch if batch else _segment_one
     run(ctx, slides=slides, list_file=list_file, output=output, model=loaded, options=options,
         analysis=analysis, report_path=report_path, overwrite=overwrite)
+
+
+def _precision_twin(ctx: click.Context, model: Path, precision: str) -> Path:
+    """The model file to run for ``--precision`` (exit 2 when its twin is missing)."""
+    from .contract import twin_path
+    if precision == "fp32" or model.name.endswith(f".{precision}.onnx"):
+        return model
+    twin = twin_path(model, precision)
+    if not twin.is_file():
+        click.echo(f"wsiseg: error: --precision {precision}: no {twin.name} beside {model}; "
+                   f"make it with wsiseg-train quantize (int8) or fp16, or drop --precision",
+                   err=True)
+        ctx.exit(2)
+    return twin
 
 
 def _segment_one(ctx: click.Context, *, slides, output, model, options, analysis, report_path,
