@@ -1,6 +1,7 @@
 """Engine benchmark: model-only vs end-to-end throughput, and peak memory vs slide size.
 
     python benchmarks/bench_engine.py speed --model MODEL.onnx [--slide SLIDE] [--mpp 0.5]
+    python benchmarks/bench_engine.py speed --model MODEL.onnx --synthetic-px 4096
     python benchmarks/bench_engine.py memory [--large-px 60000]
     python benchmarks/bench_engine.py reads [--slide SLIDE] [--target-mpp 1.0] [--tile-px 512]
 
@@ -203,6 +204,9 @@ def main() -> None:
     s.add_argument("--batch-size", type=int)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--device", default="auto")
+    s.add_argument("--synthetic-px", type=int,
+                   help="instead of --slide: a synthetic slide of this side at 1 um/px, all "
+                        "tissue (benchmarks/gpu_check.py's)")
     m = sub.add_parser("memory")
     m.add_argument("--small-px", type=int, default=4096)
     m.add_argument("--large-px", type=int, default=60000)
@@ -215,7 +219,14 @@ def main() -> None:
     r.add_argument("--tile-px", type=int, default=512)
     r.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    res = {"speed": speed, "memory": memory, "reads": reads}[args.cmd](args)
+    if getattr(args, "synthetic_px", None):
+        from gpu_check import synthetic_slide
+        with tempfile.TemporaryDirectory() as tmp:
+            args.slide = str(synthetic_slide(Path(tmp) / f"synthetic-{args.synthetic_px}.tif",
+                                             args.synthetic_px))
+            res = speed(args)
+    else:
+        res = {"speed": speed, "memory": memory, "reads": reads}[args.cmd](args)
     for r in res if isinstance(res, list) else [res]:
         print(json.dumps(r))
 

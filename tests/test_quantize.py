@@ -45,10 +45,25 @@ def test_compare_labels_and_judge():
     assert r["pixels"] == 7 and r["agreement"] == pytest.approx(6 / 7)
     assert r["classes"]["a"]["dice"] == pytest.approx(2 * 4 / (4 + 5))
     assert r["classes"]["b"]["dice"] == pytest.approx(2 * 2 / (3 + 2))
-    fails = judge(r, GateLimits(min_class_px=1))
+    fails = judge(r, GateLimits(min_class_px=1, min_class_share=0))
     assert len(fails) == 3  # agreement and both classes
-    assert judge(r, GateLimits(min_class_px=4, min_agreement=0.8)) == [
+    assert judge(r, GateLimits(min_class_px=4, min_class_share=0, min_agreement=0.8)) == [
         f"a Dice {2 * 4 / 9:.4f} < 0.99"]
+
+
+def test_small_classes_are_reported_not_gated():
+    pytest.importorskip("torch")
+    from wsiseg_train.quantgate import GateLimits, compare_labels, judge
+
+    ref = np.ones((100, 100), np.uint8)
+    ref[:3, :] = 2  # class b: 300 px, 3 % of the slide
+    got = ref.copy()
+    got[:3, :50] = 1  # half of b flips: Dice 0.67, agreement 98.5 %
+    r = compare_labels(ref, got, ["a", "b"])
+    assert r["classes"]["b"]["dice"] < 0.7
+    assert judge(r, GateLimits(min_class_px=100, min_agreement=0.98)) == []
+    assert judge(r, GateLimits(min_class_px=100, min_agreement=0.98, min_class_share=0.02)) \
+        == [f"b Dice {r['classes']['b']['dice']:.4f} < 0.99"]
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,10 @@ def _report_twin(result: dict) -> None:
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
               default="minmax", show_default=True, help="Calibration of activation ranges.")
 @click.option("--exclude", multiple=True, metavar="NODE",
-              help="Keep this node in fp32 (repeatable; the logits head always is).")
+              help="Also keep this node in fp32 (repeatable).")
+@click.option("--full-res-fp32/--full-res-int8", default=True, show_default=True,
+              help="Keep the convolutions at full resolution (first and last U-Net level and "
+                   "the logits head) in fp32; the head stays fp32 either way.")
 @click.option("--no-gate", is_flag=True, help="Skip the accuracy gate against MODEL.")
 @click.option("--demo", type=click.Path(path_type=Path), default=None,
               help="Gate slide 1 (default: examples/ebhi-val-mosaic.tif).")
@@ -123,7 +126,7 @@ def _report_twin(result: dict) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a config key (repeatable).")
 def quantize(model: Path, config: Path, output: Path | None, images: int, method: str,
-             exclude: tuple[str, ...], no_gate: bool, demo: Path | None, kather: Path | None,
+             exclude: tuple[str, ...], full_res_fp32: bool, no_gate: bool, demo: Path | None, kather: Path | None,
              overrides: tuple[str, ...]) -> None:
     """Static int8 twin of the ONNX MODEL, calibrated on CONFIG's training images, then gated:
     its labels must match MODEL's (per-class Dice >= 0.99, agreement >= 99 %) on two slides."""
@@ -131,7 +134,7 @@ def quantize(model: Path, config: Path, output: Path | None, images: int, method
 
     cfg = _run(load_config, config, list(overrides))
     _report_twin(_run(make_int8_twin, model, cfg, output, n_images=images, method=method,
-                      exclude=exclude, gate=not no_gate, demo=demo or DEMO_SLIDE,
+                      exclude=exclude, full_res_fp32=full_res_fp32, gate=not no_gate, demo=demo or DEMO_SLIDE,
                       kather=kather or KATHER_DIR))
 
 

@@ -125,9 +125,22 @@ def head_node(model: str | Path) -> str:
     raise ValueError(f"{Path(model).name}: no node writes the output {out!r}")
 
 
+def full_resolution_convs(model: str | Path) -> list[str]:
+    """Convolutions that run at the input's resolution: those before the graph's first
+    MaxPool and after its last Resize (the U-Net's first and last level, and the head)."""
+    import onnx
+
+    nodes = onnx.load(str(model)).graph.node
+    ops = [n.op_type for n in nodes]
+    first_pool = ops.index("MaxPool") if "MaxPool" in ops else len(ops)
+    last_resize = len(ops) - 1 - ops[::-1].index("Resize") if "Resize" in ops else len(ops)
+    return [n.name for i, n in enumerate(nodes)
+            if n.op_type == "Conv" and (i < first_pool or i > last_resize)]
+
+
 def quantize_int8(model: str | Path, cfg: Config, out: str | Path, *, n_images: int = 64,
                   exclude: tuple[str, ...] = (), method: str = "minmax",
-                  colour_copies: int = 1) -> dict:
+                  colour_copies: int = 0) -> dict:
     """Write the static int8 (QDQ, per-channel weights) twin of ``model`` to ``out``."""
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -155,9 +168,9 @@ def quantize_int8(model: str | Path, cfg: Config, out: str | Path, *, n_images: 
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[method], nodes_to_exclude=list(exclude))
         n_real = len(tiles) // (1 + colour_copies)
+        copies = f", each with {colour_copies} colour-augmented copies" if colour_copies else ""
         notes = {"calibration": f"{n_real} train-split images of the config's pair sets at "
-                                f"{cfg.data.mpp} um/px, each with {colour_copies} colour-"
-                                "augmented copies", "method": method,
+                                f"{cfg.data.mpp} um/px{copies}", "method": method,
                  "format": "QDQ, per-channel int8 weights, uint8 activations",
                  "fp32_nodes": list(exclude)}
         _retag(q, meta, "int8", notes)
