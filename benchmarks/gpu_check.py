@@ -110,7 +110,8 @@ def synthetic_slide(path: Path, side_px: int, seed: int = 0) -> Path:
         for k, texture in enumerate(levels):
             side = side_px >> k
             tw.write(tiles(texture, side), shape=(side, side, 3), dtype=np.uint8, tile=(256, 256),
-                     photometric="rgb", compression="zlib", compressionargs={"level": 1}, subfiletype=1 if k else 0,
+                     photometric="rgb", compression="zlib", compressionargs={"level": 1},
+                     subfiletype=1 if k else 0,
                      resolution=(1e4 / 2 ** k, 1e4 / 2 ** k), resolutionunit="CENTIMETER",
                      metadata=None, maxworkers=8)
     return path
@@ -172,7 +173,8 @@ def speed(out: Path, side_px: int, dry: bool) -> list[dict]:
              "unit": "Mpx/s", "detail": f"{side_px}px, {len(tp.tiles)} tiles of {tp.tile_px}, "
              f"batch {batch_size}, bound by {t['bound_by']} (reader "
              f"{t['reader_mpx_per_s']:.1f}, model {t['model_mpx_per_s']:.1f} Mpx/s), "
-             f"computed/output {rep['tiles']['computed_px_per_output_px']:.3f}, GPU {gpu.summary()}"},
+             f"computed/output {rep['tiles']['computed_px_per_output_px']:.3f}, "
+             f"GPU {gpu.summary()}"},
             {"check": f"synthetic model-only {precision}", "value": out_mpx / model_s,
              "unit": "Mpx/s", "detail": f"end-to-end / model-only "
              f"{model_s / t['total_s']:.2f}"}]
@@ -193,7 +195,8 @@ def train_smoke(out: Path, seconds: int, dry: bool) -> list[dict]:
                         f'index = "{index.as_posix()}"\nlimit = {8 if dry else 64}')
     cfg.write_text(text)
     device, iters, epochs = ("cpu", 2, 1) if dry else ("cuda", 200, 1000)
-    cmd = [sys.executable, "-c", "from wsiseg_train.cli import main; main()", "train", str(cfg), "-o", str(out / "run"),
+    cmd = [sys.executable, "-c", "from wsiseg_train.cli import main; main()", "train", str(cfg),
+           "-o", str(out / "run"),
            "--set", f"train.device={device}", "--set", "train.amp=true", "--set",
            f"train.iterations={iters}", "--set", f"train.epochs={epochs}", "--set",
            "train.export=false", "--set", "data.val_patches=8"]
@@ -203,13 +206,15 @@ def train_smoke(out: Path, seconds: int, dry: bool) -> list[dict]:
                               timeout=None if dry else seconds)
         ok, tail = done.returncode == 0, done.stderr[-300:]
     except subprocess.TimeoutExpired as e:
-        ok, tail = True, (e.stderr or b"")[-300:].decode(errors="replace")
+        err = e.stderr or b""
+        ok, tail = True, (err if isinstance(err, str) else err.decode(errors="replace"))[-300:]
     metrics = out / "run" / "metrics.csv"
     done_epochs = max(0, len(metrics.read_text().splitlines()) - 1) if metrics.is_file() else 0
     return [{"check": "train smoke", "value": done_epochs, "unit": "epochs",
              "ok": ok and done_epochs > 0,
              "detail": f"{device}, bf16 autocast, {iters} it/epoch, "
-                       f"{time.perf_counter() - t0:.0f} s; {tail.splitlines()[-1] if tail else ''}"}]
+                       f"{time.perf_counter() - t0:.0f} s; "
+                       f"{tail.splitlines()[-1] if tail else ''}"}]
 
 
 def passed(row: dict) -> bool:

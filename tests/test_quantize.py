@@ -78,7 +78,7 @@ def tiny_model(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     index = write_pairs(tmp / "pairs", n_train=6, size=48)
     cfg_path = tmp / "tiny.toml"
-    cfg_path.write_text(tiny_config_text(index, export="true"))
+    cfg_path.write_text(tiny_config_text(index, export=True))
     cfg = load_config(cfg_path)
     train(cfg, tmp / "run")
     return tmp / "run" / "model.onnx", cfg
@@ -88,9 +88,12 @@ def tiny_model(tmp_path_factory):
 def test_quantize_from_onnx_keeps_contract_and_head(tiny_model, tmp_path):
     import onnx
 
-    from wsiseg_train.quantize import head_node, quantize_int8
+    from wsiseg_train.quantize import full_resolution_convs, head_node, quantize_int8
 
     model, cfg = tiny_model
+    full = full_resolution_convs(model)  # 3 levels: 2 encoder convs, up-conv, 2 block convs, head
+    assert len(full) == 6 and full[-1] == head_node(model)
+    assert all("down.0" in n or "up.1" in n or "up_convs.1" in n or "head" in n for n in full)
     out = tmp_path / "m.int8.onnx"
     result = quantize_int8(model, cfg, out, n_images=4, exclude=(head_node(model),))
     assert result["calibration"].startswith("4 train-split images")
@@ -156,7 +159,7 @@ def test_shipped_int8_twin_passes_the_gate_on_the_demo():
 def test_segment_precision_picks_the_twin(tmp_path):
     from wsiseg.cli import main
 
-    args = ["segment", str(DEMO), "-o", str(tmp_path / "d.tif"), "-q", "--no-tsr",
+    args = ["-q", "segment", str(DEMO), "-o", str(tmp_path / "d.tif"), "--no-tsr",
             "--no-geojson", "--no-preview", "--no-csv", "--device", "cpu"]
     missing = CliRunner().invoke(main, [*args, "--precision", "fp16"])
     assert missing.exit_code == 2

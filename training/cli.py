@@ -126,7 +126,8 @@ def _report_twin(result: dict) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a config key (repeatable).")
 def quantize(model: Path, config: Path, output: Path | None, images: int, method: str,
-             exclude: tuple[str, ...], full_res_fp32: bool, no_gate: bool, demo: Path | None, kather: Path | None,
+             exclude: tuple[str, ...], full_res_fp32: bool, no_gate: bool, demo: Path | None,
+             kather: Path | None,
              overrides: tuple[str, ...]) -> None:
     """Static int8 twin of the ONNX MODEL, calibrated on CONFIG's training images, then gated:
     its labels must match MODEL's (per-class Dice >= 0.99, agreement >= 99 %) on two slides."""
@@ -134,7 +135,8 @@ def quantize(model: Path, config: Path, output: Path | None, images: int, method
 
     cfg = _run(load_config, config, list(overrides))
     _report_twin(_run(make_int8_twin, model, cfg, output, n_images=images, method=method,
-                      exclude=exclude, full_res_fp32=full_res_fp32, gate=not no_gate, demo=demo or DEMO_SLIDE,
+                      exclude=exclude, full_res_fp32=full_res_fp32, gate=not no_gate,
+                      demo=demo or DEMO_SLIDE,
                       kather=kather or KATHER_DIR))
 
 

@@ -172,8 +172,8 @@ def analysis_flags(f):
 @click.pass_context
 def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_file: Path | None,
             model: Path | None, mpp: float | None, device: str, precision: str,
-            tile_px: int | None,
-            batch_size: int | None, workers: int | None, no_tissue_mask: bool, min_tissue_um2: float,
+            tile_px: int | None, batch_size: int | None, workers: int | None,
+            no_tissue_mask: bool, min_tissue_um2: float,
             probabilities: bool, report_path: Path | None, no_tsr: bool, no_geojson: bool,
             no_preview: bool, no_csv: bool, tsr_field_um: float, tsr_margin_um: float,
             overwrite: bool) -> None:
