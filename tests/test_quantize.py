@@ -172,3 +172,21 @@ def test_segment_precision_picks_the_twin(tmp_path):
     assert report["model"]["path"].endswith("wsiseg-ebhi-unet.int8.onnx")
     assert report["parameters"]["precision"] == "int8"
     assert report["timing"]["bound_by"] in ("reader", "model")
+
+
+@pytest.mark.slow
+@pytest.mark.train
+def test_export_int8_gates_the_twin(tiny_model, tmp_path):
+    from wsiseg_train.cli import main as train_main
+    from wsiseg_train.quantgate import KATHER_DIR
+
+    if not KATHER_DIR.is_dir():
+        pytest.skip(f"{KATHER_DIR} not present (the gate's second slide)")
+    model, _ = tiny_model
+    out = tmp_path / "m.onnx"
+    done = CliRunner().invoke(train_main, ["export", str(model.parent), "-o", str(out), "--int8"])
+    gate = json.loads((tmp_path / "m.int8.gate.json").read_text())["gate"]
+    assert out.is_file() and set(gate["slides"]) == {"ebhi-val-mosaic", "kather-2016-mosaic"}
+    # a barely trained toy model may fail the gate: then the twin is removed and exit is 1
+    assert done.exit_code == (0 if gate["passed"] else 1), done.output
+    assert (tmp_path / "m.int8.onnx").is_file() == gate["passed"]
