@@ -10,7 +10,6 @@ and its weights are copied as they are.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ import onnx
 from wsiseg.context import ContextError, ContextParams, measure_context
 from wsiseg.contract import PREFIX, ContractError, from_metadata
 from wsiseg.engine import fixed_tile_px, load_model
+
+from .onnx_meta import save_with_metadata
 
 
 def border_for(context_px: int | None, *, max_px: int) -> int:
@@ -61,16 +62,7 @@ def set_border(path: str | Path, border_px: int, *, record: dict[str, Any] | Non
     meta[PREFIX + "tile_px"] = str(fixed[0] if fixed else tile_px)
     meta[PREFIX + "training"] = json.dumps(training)
     new = from_metadata(meta)  # validates the result before anything is written
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_with_metadata(proto, meta, out)
     return new.to_dict()
 
 

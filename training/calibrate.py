@@ -17,7 +17,6 @@ The model runs through :mod:`wsiseg.engine` (the engine's input handling and con
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from wsiseg.engine import load_model
 from wsiseg.qc import BINS, stain_lab, top_probability
 
 from .data import Item
+from .onnx_meta import save_with_metadata
 
 MIN_STAIN_WARN = 2.0
 LOW_CONFIDENCE_QUANTILE = 0.05
@@ -95,15 +95,7 @@ def write_qc(model_path: str | Path, qc: dict[str, Any], out: str | Path | None 
     model = onnx.load(str(model_path))
     props = {p.key: p.value for p in model.metadata_props}
     props[PREFIX + "qc"] = json.dumps(qc)
-    del model.metadata_props[:]
-    for k, v in props.items():
-        model.metadata_props.add(key=k, value=v)
     out = Path(out or model_path)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_with_metadata(model, props, out)
     load_model(out, device="cpu")  # the result must still pass the engine's checks
     return out

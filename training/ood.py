@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from skimage.io import imread
 
+from wsiseg.engine import Model, load_model
 from wsiseg.pipeline import SegmentOptions, segment_slide
 from wsiseg.writer import read_level, write_rgb_pyramid
 
@@ -80,7 +81,7 @@ def lay_out(images: Sequence[np.ndarray], *, gap_px: int) -> tuple[np.ndarray, l
     return canvas, boxes
 
 
-def segment_mosaic(model: str | Path, rgb: np.ndarray, *, mpp: float, workdir: Path,
+def segment_mosaic(model: Model, rgb: np.ndarray, *, mpp: float, workdir: Path,
                    name: str) -> tuple[np.ndarray, float, list[str]]:
     """Write ``rgb`` as a pyramidal TIFF slide at ``mpp``, segment it with ``wsiseg``'s
     pipeline, and return (label map, map pixel size in slide pixels, class names)."""
@@ -89,8 +90,7 @@ def segment_mosaic(model: str | Path, rgb: np.ndarray, *, mpp: float, workdir: P
     out = workdir / f"{name}-map.tif"
     report = segment_slide(slide, out, model=model, options=SegmentOptions(tissue=None),
                            analysis=None, overwrite=True)
-    names = [c["name"] for c in report["model"]["classes"]]
-    return read_level(out), report["map"]["mpp"] / mpp, names
+    return read_level(out), report["map"]["mpp"] / mpp, model.contract.class_names
 
 
 def majority(values: np.ndarray, n: int) -> int:
@@ -108,7 +108,7 @@ def centre(sl: tuple[slice, slice], fraction: float = 0.5) -> tuple[slice, slice
 
 # -- Kather 2016 ---------------------------------------------------------------------------
 
-def kather_check(model: str | Path, folder: Path, workdir: Path) -> dict:
+def kather_check(model: Model, folder: Path, workdir: Path) -> dict:
     tiles = [(t, p) for t in KATHER_TYPES for p in sorted((folder / t).glob("*.tif"))]
     if not tiles:
         raise FileNotFoundError(f"no labelled Kather tiles under {folder}")
@@ -119,7 +119,7 @@ def kather_check(model: str | Path, folder: Path, workdir: Path) -> dict:
     confusion: dict[str, dict[str, int]] = {t: {} for t in KATHER_TYPES}
     for (t, _), call in zip(tiles, calls):
         confusion[t][call] = confusion[t].get(call, 0) + 1
-    tumour = set(_roles(model)[0])
+    tumour = set(model.contract.tumour_classes)
     stroma = {n for n in names if "stroma" in n}
     non_tumour = [c for (t, _), c in zip(tiles, calls) if t in NON_TUMOUR_TISSUE]
     by_type = {t: [c for (tt, _), c in zip(tiles, calls) if tt == t] for t in KATHER_TYPES}
@@ -130,12 +130,6 @@ def kather_check(model: str | Path, folder: Path, workdir: Path) -> dict:
             "stroma_called_stroma": sum(c in stroma for c in by_type["02_STROMA"]),
             "tumour_tiles": len(by_type["01_TUMOR"]),
             "tumour_called_tumour": sum(c in tumour for c in by_type["01_TUMOR"])}
-
-
-def _roles(model: str | Path) -> tuple[list[str], list[str]]:
-    from wsiseg.engine import load_model
-    c = load_model(model, device="cpu").contract
-    return list(c.tumour_classes), list(c.stroma_classes)
 
 
 # -- EBHI-Seg val and lesion val ---------------------------------------------------------
@@ -214,7 +208,7 @@ def crop_scores(crops: list[Crop], preds: list[np.ndarray], names: list[str]) ->
             "stroma_called_tumour": stroma_tumour / stroma_px if stroma_px else math.nan}
 
 
-def crop_check(model: str | Path, crops: list[Crop], workdir: Path, name: str
+def crop_check(model: Model, crops: list[Crop], workdir: Path, name: str
                ) -> tuple[dict, list[np.ndarray], list[str]]:
     rgb, boxes = lay_out([c.image for c in crops], gap_px=64)
     labels, f, names = segment_mosaic(model, rgb, mpp=EBHI_MPP, workdir=workdir, name=name)
@@ -222,7 +216,7 @@ def crop_check(model: str | Path, crops: list[Crop], workdir: Path, name: str
     return crop_scores(crops, preds, names), preds, names
 
 
-def window_check(model: str | Path, crops: list[Crop], in_context: list[np.ndarray],
+def window_check(model: Model, crops: list[Crop], in_context: list[np.ndarray],
                  workdir: Path) -> dict:
     """Centre windows of the crops alone on glass against the same pixels in context."""
     side = int(round(WINDOW_UM / EBHI_MPP))
@@ -253,14 +247,15 @@ def window_check(model: str | Path, crops: list[Crop], in_context: list[np.ndarr
 def evaluate_ood(model: str | Path, data: Path, *, limit: int = 0,
                  progress: Callable[[str], None] = lambda s: None) -> dict:
     """All three checks for ``model`` with the real data under ``data`` (``shared/data``)."""
-    model = Path(model)
-    if not model.is_file():
-        raise FileNotFoundError(f"model {model} not found")
+    path = Path(model)
+    if not path.is_file():
+        raise FileNotFoundError(f"model {path} not found")
     ebhi = data / "ebhi-seg"
     for need in (ebhi / "index.csv", ebhi / "index-lesions.csv",
                  data / "kather-samples" / "labelled-2016"):
         if not need.exists():
             raise FileNotFoundError(f"{need} not found; pass --data with the shared data folder")
+    model = load_model(path, device="cpu")  # loaded once for every mosaic
     with tempfile.TemporaryDirectory(prefix="wsiseg-ood-") as tmp:
         work = Path(tmp)
         progress("Kather 2016 tiles")
@@ -280,7 +275,7 @@ def evaluate_ood(model: str | Path, data: Path, *, limit: int = 0,
         lesions["by_kind"] = by_kind
         progress("context-free windows")
         windows = window_check(model, val_crops + les_crops, val_preds + les_preds, work)
-    return {"model": model.name, "kather2016": kather, "ebhi_val": val,
+    return {"model": path.name, "kather2016": kather, "ebhi_val": val,
             "ebhi_lesion_val": lesions, "windows": windows}
 
 
