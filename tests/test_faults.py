@@ -117,7 +117,8 @@ def test_defaults_come_from_the_options_dataclasses():
     from wsiseg.tissue import TissueParams
     from wsiseg.tsr import TSRConfig
     text = " ".join(run("segment", "--help").output.split())
-    assert f"[default: {SegmentOptions().workers}; x>=1]" in text
+    from wsiseg.pipeline import default_workers
+    assert f"[default: {default_workers()}; x>=1]" in text
     assert f"[default: {TissueParams().min_tissue_um2}]" in text
     assert f"[default: {TSRConfig().field_diameter_um}]" in text
 

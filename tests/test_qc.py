@@ -21,7 +21,6 @@ from wsiseg.qc import (
     qc_section,
     stain_distance,
     stain_lab,
-    top_probability,
     warning_line,
 )
 
@@ -29,20 +28,16 @@ CAL = {"confidence_threshold": 0.6, "low_confidence_val": 0.05, "low_confidence_
        "stain_mean": [44.0, 38.0, -42.0], "stain_std": [5.0, 11.0, 13.0], "stain_warn": 3.0}
 
 
-def test_top_probability_is_the_softmax_maximum():
-    logits = np.random.default_rng(0).normal(size=(5, 7, 9)).astype(np.float32)
-    e = np.exp(logits)
-    np.testing.assert_allclose(top_probability(logits), (e / e.sum(0)).max(0), rtol=1e-5)
-
-
 def test_tally_counts_tissue_pixels_only():
     t = ConfidenceTally()
-    # two classes; pixel scores give top probabilities 0.5 (tied) and ~1.0
-    scores = np.array([[[0.0, 10.0, 0.0]], [[0.0, 0.0, 10.0]]], np.float32)
+    # top probabilities x 255: 0.5 (a tie of two classes), 1.0, and 0.2 on background
+    top = np.array([[128, 255, 51]], np.uint8)
     labels = np.array([[1, 1, 2]], np.uint8)  # value 2 = background: not counted
-    t.add(scores, labels, background=2)
+    t.add(top, labels, background=2)
     assert t.hist.sum() == 2
     assert t.share_below(0.6) == pytest.approx(0.5)
+    assert t.share_below(128 / 255) == 0.0  # below, not at
+    assert t.share_below(129 / 255) == pytest.approx(0.5)
     assert math.isnan(ConfidenceTally().share_below(0.5))
 
 
@@ -58,8 +53,8 @@ def test_stain_lab_ignores_white_and_masked_pixels():
 def test_warnings_name_what_is_off():
     cal = Calibration.from_contract(CAL)
     tally = ConfidenceTally()
-    tally.hist[10] = 50   # half the tissue at p ~ 0.1: low confidence
-    tally.hist[99] = 50
+    tally.hist[25] = 50   # half the tissue at p ~ 0.1: low confidence
+    tally.hist[255] = 50
     near = qc_section(CAL, None, (44.0, 38.0, -42.0))
     assert near["warnings"] == [] and near["stain_distance"] == 0.0
     far = qc_section(CAL, tally, (55.0, 25.0, -5.0))

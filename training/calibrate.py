@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from wsiseg.engine import load_model
-from wsiseg.qc import BINS, stain_lab, top_probability
+from wsiseg.qc import ConfidenceTally, stain_lab, u8_below
 
 from .data import Item
 from .onnx_meta import save_with_metadata
@@ -47,24 +47,25 @@ def _pad(image: np.ndarray, multiple: int) -> np.ndarray:
 
 
 def confidence_figures(model_path: str | Path, items: list[Item]) -> dict[str, float]:
+    """Low-confidence threshold (the LOW_CONFIDENCE_QUANTILE of the top class probability of
+    validation tissue pixels, as the engine decides it), its share and the warning share."""
     model = load_model(model_path, device="cpu")
     c = model.contract
-    hist = np.zeros(BINS, np.int64)
+    tally = ConfidenceTally()
     per_crop = []
     for it in items:
         h, w = it.image.shape[:2]
-        scores = model.run(_pad(it.image, c.size_multiple)[None])[0][:, :h, :w]
-        top = top_probability(scores) if c.output == "logits" else scores.max(axis=0)
-        labels = scores.argmax(axis=0) + 1
-        tissue = top[labels != c.background_value] if c.background_value else top.ravel()
-        hist += np.bincount(np.minimum((tissue * BINS).astype(int), BINS - 1), minlength=BINS)
-        per_crop.append(tissue)
-    if not hist.sum():
+        pred = model.predict(_pad(it.image, c.size_multiple)[None])
+        labels, top = pred.labels[0, :h, :w] + 1, pred.top[0, :h, :w]
+        tally.add(top, labels, background=c.background_value)
+        per_crop.append(top[labels != c.background_value] if c.background_value else top.ravel())
+    if not tally.hist.sum():
         raise ValueError("the model calls every validation pixel background; nothing to calibrate")
-    cdf = np.cumsum(hist) / hist.sum()
-    threshold = float((np.searchsorted(cdf, LOW_CONFIDENCE_QUANTILE) + 1) / BINS)
-    val_share = float(hist[:int(round(threshold * BINS))].sum() / hist.sum())
-    shares = [float((t < threshold).mean()) for t in per_crop if t.size]
+    cdf = np.cumsum(tally.hist) / tally.hist.sum()
+    threshold = float(min(255, np.searchsorted(cdf, LOW_CONFIDENCE_QUANTILE) + 1) / 255)
+    val_share = tally.share_below(threshold)
+    below = u8_below(threshold)
+    shares = [float((t < below).mean()) for t in per_crop if t.size]
     warn = max(float(np.percentile(shares, WARN_QUANTILE)), 2 * val_share)
     return {"confidence_threshold": threshold, "low_confidence_val": val_share,
             "low_confidence_warn": warn}

@@ -108,7 +108,10 @@ def centre(sl: tuple[slice, slice], fraction: float = 0.5) -> tuple[slice, slice
 
 # -- Kather 2016 ---------------------------------------------------------------------------
 
-def kather_check(model: Model, folder: Path, workdir: Path) -> dict:
+def kather_calls(model: Model, folder: Path, workdir: Path
+                 ) -> tuple[list[str], list[str], np.ndarray]:
+    """Segment the labelled Kather tiles under ``folder`` as one mosaic slide: (tissue type of
+    each tile, the model's call of each tile, the label map)."""
     tiles = [(t, p) for t in KATHER_TYPES for p in sorted((folder / t).glob("*.tif"))]
     if not tiles:
         raise FileNotFoundError(f"no labelled Kather tiles under {folder}")
@@ -116,13 +119,19 @@ def kather_check(model: Model, folder: Path, workdir: Path) -> dict:
     rgb, boxes = lay_out(images, gap_px=images[0].shape[0])
     labels, f, names = segment_mosaic(model, rgb, mpp=KATHER_MPP, workdir=workdir, name="kather")
     calls = [names[majority(labels[centre(b.scaled(f))], len(names)) - 1] for b in boxes]
+    return [t for t, _ in tiles], calls, labels
+
+
+def kather_check(model: Model, folder: Path, workdir: Path) -> dict:
+    types, calls, _ = kather_calls(model, folder, workdir)
+    names = model.contract.class_names
     confusion: dict[str, dict[str, int]] = {t: {} for t in KATHER_TYPES}
-    for (t, _), call in zip(tiles, calls):
+    for t, call in zip(types, calls):
         confusion[t][call] = confusion[t].get(call, 0) + 1
     tumour = set(model.contract.tumour_classes)
     stroma = {n for n in names if "stroma" in n}
-    non_tumour = [c for (t, _), c in zip(tiles, calls) if t in NON_TUMOUR_TISSUE]
-    by_type = {t: [c for (tt, _), c in zip(tiles, calls) if tt == t] for t in KATHER_TYPES}
+    non_tumour = [c for t, c in zip(types, calls) if t in NON_TUMOUR_TISSUE]
+    by_type = {t: [c for tt, c in zip(types, calls) if tt == t] for t in KATHER_TYPES}
     return {"confusion": confusion, "classes": names,
             "non_tumour_tiles": len(non_tumour),
             "non_tumour_called_tumour": sum(c in tumour for c in non_tumour),

@@ -8,6 +8,7 @@ Every error is one line on stderr; progress too goes to stderr, machine-readable
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -145,14 +146,18 @@ def analysis_flags(f):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
               cls=LazyDefault, default=default_from("pipeline", "SegmentOptions", "device"),
               show_default=True, help="Where to run the model; auto = CUDA if available, else CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "int8", "fp16"]), default="fp32",
+              show_default=True,
+              help="Run the model's twin of this precision, found beside it (X.onnx -> "
+                   "X.int8.onnx); int8 is faster on CPUs, fp16 on GPUs.")
 @click.option("--tile-px", type=int, callback=checked(tile_px_value),
               help="Input tile size, a multiple of the model's, at most 8192 (default: the size "
                    "up to 1024, 2048 for wide borders, that computes the fewest pixels).")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Tiles per model call (default 1 on CPU, 4 on GPU).")
 @click.option("--workers", type=click.IntRange(min=1), cls=LazyDefault, show_default=True,
-              default=default_from("pipeline", "SegmentOptions", "workers"),
-              help="Slide reader threads.")
+              default=lambda: importlib.import_module("wsiseg.pipeline").default_workers(),
+              help="Slide reader threads (default: half the cores, 2 to 8).")
 @click.option("--no-tissue-mask", is_flag=True,
               help="Run the model on every tile, not only tissue.")
 @click.option("--min-tissue-um2", type=float, cls=LazyDefault, show_default=True,
@@ -166,8 +171,9 @@ def analysis_flags(f):
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.pass_context
 def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_file: Path | None,
-            model: Path | None, mpp: float | None, device: str, tile_px: int | None,
-            batch_size: int | None, workers: int, no_tissue_mask: bool, min_tissue_um2: float,
+            model: Path | None, mpp: float | None, device: str, precision: str,
+            tile_px: int | None, batch_size: int | None, workers: int | None,
+            no_tissue_mask: bool, min_tissue_um2: float,
             probabilities: bool, report_path: Path | None, no_tsr: bool, no_geojson: bool,
             no_preview: bool, no_csv: bool, tsr_field_um: float, tsr_margin_um: float,
             overwrite: bool) -> None:
@@ -189,7 +195,11 @@ def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_fil
                                  tsr_margin_um)
     batch = _is_batch(slides, list_file, output)
     _check_outputs(batch, output, report_path, options, analysis)
-    loaded = load_model(model or default_model(), device=device)
+    loaded = load_model(_precision_twin(model or default_model(), precision), device=device)
+    if loaded.contract.precision != precision:
+        raise click.BadParameter(f"{Path(loaded.path).name} says precision "
+                                 f"{loaded.contract.precision}, not {precision}; rebuild the twin "
+                                 "or pick its --precision", param_hint="'--precision'")
     if tile_px is not None:
         from .engine import ModelError, check_tile_px
         try:
@@ -230,6 +240,20 @@ def _check_outputs(batch: bool, output: Path, report_path: Path | None, options,
         planned_outputs(output, report_path=report_path, options=options, analysis=analysis)
     except OutputError as e:
         raise click.BadParameter(str(e), param_hint="'-o' / '--report'") from None
+
+
+def _precision_twin(model: Path, precision: str) -> Path:
+    """The model file to run for ``--precision``: the twin beside ``model`` (X.int8.onnx),
+    which must exist (usage error otherwise)."""
+    from .contract import twin_path
+    if precision == "fp32" or model.name.endswith(f".{precision}.onnx"):
+        return model
+    twin = twin_path(model, precision)
+    if not twin.is_file():
+        raise click.BadParameter(f"no {twin.name} beside {model}; make it with "
+                                 f"wsiseg-train quantize (int8) or export --fp16, or drop "
+                                 f"--precision", param_hint="'--precision'")
+    return twin
 
 
 def _segment_one(ctx: click.Context, *, slides, output, model, options, analysis, report_path,

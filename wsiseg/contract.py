@@ -28,6 +28,8 @@ Keys (all values are strings; structured values are JSON):
 ``wsiseg.mean``/``.std``    JSON lists of 3 floats, required when input is float32
 ``wsiseg.output``           ``"logits"`` or ``"probabilities"``
 ``wsiseg.training``         JSON object: free-form training summary (optional)
+``wsiseg.precision``        ``"fp32"`` (the default when absent), ``"fp16"`` or ``"int8"``:
+                            the numeric precision of a converted twin of a model
 ==========================  =========================================================
 
 The graph has one input ``[N, 3, H, W]`` and one output ``[N, C, H, W]`` (same H and W),
@@ -43,9 +45,11 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 CONTRACT_VERSION = "1"
+PRECISIONS = ("fp32", "fp16", "int8")
 PREFIX = "wsiseg."
 
 
@@ -98,6 +102,7 @@ class ModelContract:
     output: str = "logits"
     training: Mapping[str, Any] = field(default_factory=dict)
     qc: Mapping[str, Any] = field(default_factory=dict)   # wsiseg.qc calibration ({} = none)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -182,6 +187,9 @@ def validate(c: ModelContract) -> None:
                 raise ContractError(f"model contract: float32 input needs '{key}' as 3 numbers")
         if any(s <= 0 for s in c.std):  # type: ignore[union-attr]
             raise ContractError("model contract: std values must be positive")
+    if c.precision not in PRECISIONS:
+        raise ContractError(f"model contract: precision must be one of {', '.join(PRECISIONS)}, "
+                            f"got {c.precision!r}")
     if c.output not in ("logits", "probabilities"):
         raise ContractError(f"model contract: output must be 'logits' or 'probabilities', "
                             f"got {c.output!r}")
@@ -206,6 +214,8 @@ def to_metadata(c: ModelContract) -> dict[str, str]:
     }
     if c.background is not None:
         meta["background"] = c.background
+    if c.precision != "fp32":  # absent = fp32, so fp32 models stay as they were
+        meta["precision"] = c.precision
     if c.mean is not None:
         meta["mean"] = json.dumps(list(c.mean))
     if c.std is not None:
@@ -265,7 +275,17 @@ def from_metadata(meta: Mapping[str, str]) -> ModelContract:
         mean=mean, std=std, output=m.get("output", "logits"),  # type: ignore[arg-type]
         training=parse_json("training") if "training" in m else {},
         qc=parse_json("qc") if "qc" in m else {},
+        precision=m.get("precision", "fp32"),
     )
+
+
+def twin_path(model: str | Path, precision: str) -> Path:
+    """Where the ``precision`` twin of ``model`` lives: ``X.onnx`` -> ``X.int8.onnx``
+    (``fp32`` is the model itself)."""
+    model = Path(model)
+    if precision == "fp32":
+        return model
+    return model.with_name(model.name.removesuffix(".onnx") + f".{precision}.onnx")
 
 
 def paper_contract(**overrides: Any) -> ModelContract:

@@ -11,8 +11,9 @@ import ctypes
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -91,6 +92,20 @@ def providers_for(device: str, available: list[str] | None = None) -> list[str]:
     return chosen + ["CPUExecutionProvider"]
 
 
+HEADS = ("auto", "host", "graph")
+
+
+class Prediction(NamedTuple):
+    """What the model decides for a batch of tiles, one byte per value."""
+    labels: np.ndarray        # (N, H, W) uint8 class index, 0-based
+    top: np.ndarray           # (N, H, W) uint8 top class probability x 255
+    scores: np.ndarray | None  # (N, C, H, W) uint8 class probability x 255, when asked
+
+
+def _u8(p: np.ndarray) -> np.ndarray:
+    return np.rint(255 * p).astype(np.uint8)
+
+
 @dataclass
 class Model:
     path: str
@@ -98,25 +113,73 @@ class Model:
     session: ort.InferenceSession
     input_name: str
     output_name: str
+    head: str = "host"  # where labels are decided: "host" (numpy) or "graph" (uint8 outputs)
+    _heads: dict = field(default_factory=dict, repr=False)
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def run(self, tiles: np.ndarray) -> np.ndarray:
-        """Class scores (N, C, H, W) float32 for uint8 RGB tiles (N, H, W, 3)."""
+    @property
+    def on_gpu(self) -> bool:
+        return self.providers[0] != "CPUExecutionProvider"
+
+    def _input(self, tiles: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))
         if self.contract.input == "float32":
             mean = np.asarray(self.contract.mean, np.float32).reshape(1, 3, 1, 1)
             std = np.asarray(self.contract.std, np.float32).reshape(1, 3, 1, 1)
             x = (x.astype(np.float32) / 255.0 - mean) / std
-        return self.session.run([self.output_name], {self.input_name: x})[0]
+        return x
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        """Class scores (N, C, H, W) float32 for uint8 RGB tiles (N, H, W, 3)."""
+        return self.session.run([self.output_name], {self.input_name: self._input(tiles)})[0]
+
+    def predict(self, tiles: np.ndarray, *, probabilities: bool = False) -> Prediction:
+        """Per pixel of uint8 RGB tiles (N, H, W, 3): the class index (N, H, W) uint8, the top
+        class probability x 255 (N, H, W) uint8 and, with ``probabilities``, every class
+        probability x 255 (N, C, H, W) uint8 (rounded half to even, as ``numpy.rint``)."""
+        if self.head == "graph":
+            return self._predict_graph(self._input(tiles), probabilities)
+        scores = self.run(tiles)
+        labels = scores.argmax(axis=1).astype(np.uint8)
+        if self.contract.output == "logits":
+            e = np.exp(scores - scores.max(axis=1, keepdims=True))
+            total = e.sum(axis=1, keepdims=True)
+            top = 1.0 / total[:, 0]  # the top class has exp(0) = 1
+            prob = e / total if probabilities else None
+        else:
+            top = scores.max(axis=1)
+            prob = scores if probabilities else None
+        return Prediction(labels, _u8(top),
+                          None if prob is None else _u8(prob))
+
+    def _predict_graph(self, x: np.ndarray, probabilities: bool) -> Prediction:
+        """Through the label-head twin with I/O binding: the uint8 input is copied to the
+        device once and only the uint8 outputs come back."""
+        session = self._heads.get(probabilities)
+        if session is None:
+            from .graph import add_label_head
+            proto = add_label_head(self.path, probabilities=probabilities,
+                                   output_kind=self.contract.output)
+            session = self._heads[probabilities] = _session(Path(self.path), self.providers,
+                                                            proto=proto)
+        binding = session.io_binding()
+        binding.bind_cpu_input(self.input_name, x)
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cpu")
+        session.run_with_iobinding(binding)
+        got = binding.copy_outputs_to_cpu()
+        return Prediction(got[0], got[1], got[2] if probabilities else None)
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "providers": self.providers, **self.contract.to_dict()}
+        return {"path": self.path, "providers": self.providers, "head": self.head,
+                **self.contract.to_dict()}
 
 
-def _session(path: Path, providers: list[str]) -> ort.InferenceSession:
+def _session(path: Path, providers: list[str], proto: bytes | None = None
+             ) -> ort.InferenceSession:
     # ONNX Runtime's own warnings (e.g. telemetry that cannot write to an unwritable HOME) are
     # noise before our one-line messages: errors only, unless our log shows INFO (-v).
     severity = 2 if log.isEnabledFor(logging.INFO) else 3
@@ -136,13 +199,30 @@ def _session(path: Path, providers: list[str]) -> ort.InferenceSession:
         else:
             provider_args.append(p)
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=provider_args)
+        return ort.InferenceSession(proto if proto is not None else str(path), sess_options=opts,
+                                    providers=provider_args)
     except ORT_ERRORS as e:
         raise ModelError(f"{path} is not a model ONNX Runtime can load: "
                          f"{str(e).splitlines()[0][:200]}") from None
 
 
-def load_model(path: str | Path, *, device: str = "auto") -> Model:
+def choose_head(head: str, providers: list[str]) -> str:
+    """``auto``: decide labels in the graph on a GPU (when ``onnx`` is installed to edit it),
+    on the host on the CPU, where the float scores never cross a bus."""
+    from . import graph
+
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head == "graph" and not graph.available():
+        raise ModelError("deciding labels in the graph needs the onnx package: "
+                         "pip install 'wsiseg[gpu]' (or onnx)")
+    if head == "auto":
+        on_gpu = providers[0] != "CPUExecutionProvider"
+        return "graph" if on_gpu and graph.available() else "host"
+    return head
+
+
+def load_model(path: str | Path, *, device: str = "auto", head: str = "auto") -> Model:
     """Load an ONNX model, read its contract and check that the graph agrees with it."""
     path = Path(path)
     if not path.is_file():
@@ -168,7 +248,8 @@ def load_model(path: str | Path, *, device: str = "auto") -> Model:
         if isinstance(dim, int) and dim != contract.tile_px:
             raise ModelError(f"{path.name}: graph input is fixed at {shape[2:]} but the contract "
                              f"tile is {contract.tile_px}px")
-    model = Model(str(path), contract, session, inp.name, out.name)
+    model = Model(str(path), contract, session, inp.name, out.name,
+                  head=choose_head(head, session.get_providers()))
     # One tiny run catches what static shapes cannot tell (wrong class count, size changes).
     side = contract.tile_px if any(isinstance(d, int) for d in shape[2:]) else \
         contract.size_multiple * max(1, -(-2 * contract.border_px // contract.size_multiple) + 1)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections import deque
@@ -51,7 +52,7 @@ MAX_TILE_PX = 8192
 class SegmentOptions:
     tile_px: int | None = None  # None: the size (up to tiling.largest_tile_px) computing fewest px
     batch_size: int | None = None  # None: 1 on the CPU; on a GPU 4 tiles of 1024 px or as many px
-    workers: int = 2  # reader threads
+    workers: int | None = None  # reader threads; None: default_workers()
     device: str = "auto"
     mpp: float | None = None  # slide mpp override
     tissue: TissueParams | None = field(default_factory=TissueParams)  # None: no tissue mask
@@ -98,72 +99,96 @@ def default_report_path(map_path: Path) -> Path:
     return map_path.with_suffix(".json")
 
 
-def _read_ahead(slide: Slide, plan: ReadPlan, tiles: list[Tile], tile_px: int, workers: int
-                ) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
-    """Yield (tile, rgb, scanned) in order while ``workers`` threads read further tiles."""
+def default_workers() -> int:
+    """Reader threads: half the cores (the rest feed the model on a CPU), 2 to 8."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
+def _timed_read(slide: Slide, plan: ReadPlan, tile: Tile, tile_px: int
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    t0 = time.perf_counter()
+    rgb, scanned = slide.read(plan, tile.out_row, tile.out_col, tile_px, tile_px)
+    return rgb, scanned, time.perf_counter() - t0
+
+
+def _read_ahead(slide: Slide, plan: ReadPlan, tiles: list[Tile], tile_px: int, workers: int,
+                read_s: list[float]) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
+    """Yield (tile, rgb, scanned) in order while ``workers`` threads read further tiles; adds
+    each read's seconds to ``read_s[0]``."""
     ahead = max(2, 2 * workers)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wsiseg-read") as pool:
         queue: deque[tuple[Tile, Future]] = deque()
         todo = iter(tiles)
+
+        def take() -> tuple[Tile, np.ndarray, np.ndarray]:
+            tile, fut = queue.popleft()
+            rgb, scanned, seconds = fut.result()
+            read_s[0] += seconds
+            return tile, rgb, scanned
         try:
             for t in todo:
-                queue.append((t, pool.submit(slide.read, plan, t.out_row, t.out_col,
-                                             tile_px, tile_px)))
+                queue.append((t, pool.submit(_timed_read, slide, plan, t, tile_px)))
                 if len(queue) >= ahead:
-                    tile, fut = queue.popleft()
-                    yield (tile, *fut.result())
+                    yield take()
             while queue:
-                tile, fut = queue.popleft()
-                yield (tile, *fut.result())
+                yield take()
         finally:
             for _, fut in queue:
                 fut.cancel()
 
 
-def _softmax_u8(scores: np.ndarray) -> np.ndarray:
-    e = np.exp(scores - scores.max(axis=0, keepdims=True))
-    return np.rint(255 * e / e.sum(axis=0, keepdims=True)).astype(np.uint8)
+def throughput(n_tiles: int, tile_px: int, *, read_s: float, model_s: float, workers: int
+               ) -> dict[str, float | str]:
+    """Input Mpx/s the readers (all threads together) and the model sustain, and which of the
+    two bounds the run (the slower one; reading overlaps the model when it is faster)."""
+    mpx = n_tiles * tile_px * tile_px / 1e6
+    reader = mpx * workers / read_s if read_s > 0 else float("inf")
+    model = mpx / model_s if model_s > 0 else float("inf")
+    return {"reader_mpx_per_s": reader, "model_mpx_per_s": model,
+            "bound_by": "reader" if reader < model else "model"}
 
 
 def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
               canvas: DiskCanvas, probs: DiskStack | None, tile_px: int, batch_size: int,
               workers: int, progress: Callable[[int], None] | None = None,
-              tally: ConfidenceTally | None = None) -> dict[str, float]:
+              tally: ConfidenceTally | None = None) -> dict:
     """Predict every tile and paste its core into ``canvas`` (and ``probs``), counting the top
-    class probabilities of tissue pixels into ``tally``. Returns timings."""
+    class probabilities of tissue pixels into ``tally``. Returns timings and throughput."""
     background = model.contract.background_value
     t_model = 0.0
+    read_s = [0.0]
     batch: list[tuple[Tile, np.ndarray, np.ndarray]] = []
 
     def flush() -> None:
         nonlocal t_model
         t0 = time.perf_counter()
-        scores = model.run(np.stack([b[1] for b in batch]))
+        pred = model.predict(np.stack([b[1] for b in batch]), probabilities=probs is not None)
         t_model += time.perf_counter() - t0
-        for (tile, _, scanned), s in zip(batch, scores):
+        for i, (tile, _, scanned) in enumerate(batch):
             rs, cs = tile.core_in_tile
-            labels = (s[:, rs, cs].argmax(axis=0) + 1).astype(np.uint8)
-            labels[~scanned[rs, cs]] = background  # unscanned glass is never tissue
-            canvas.paste(tile.core_row, tile.core_col, labels)
+            core = pred.labels[i, rs, cs] + np.uint8(1)
+            core[~scanned[rs, cs]] = background  # unscanned glass is never tissue
+            canvas.paste(tile.core_row, tile.core_col, core)
             if tally is not None:
-                tally.add(s[:, rs, cs], labels, background=background,
-                          logits=model.contract.output == "logits")
+                tally.add(pred.top[i, rs, cs], core, background=background)
             if probs is not None:
-                probs.paste(tile.core_row, tile.core_col, _softmax_u8(s[:, rs, cs])
-                            if model.contract.output == "logits"
-                            else np.rint(255 * s[:, rs, cs]).astype(np.uint8))
+                probs.paste(tile.core_row, tile.core_col, pred.scores[i][:, rs, cs])
         if progress:
             progress(len(batch))
         batch.clear()
 
     t0 = time.perf_counter()
-    for item in _read_ahead(slide, plan, tiles, tile_px, workers):
+    for item in _read_ahead(slide, plan, tiles, tile_px, workers, read_s):
         batch.append(item)
         if len(batch) == batch_size:
             flush()
     if batch:
         flush()
-    return {"tiles_s": time.perf_counter() - t0, "model_s": t_model}
+    rates = throughput(len(tiles), tile_px, read_s=read_s[0], model_s=t_model, workers=workers)
+    log.info("reading %.3g Mpx/s, model %.3g Mpx/s: the %s bounds this run",
+             rates["reader_mpx_per_s"], rates["model_mpx_per_s"], rates["bound_by"])
+    return {"tiles_s": time.perf_counter() - t0, "model_s": t_model, "read_s": read_s[0],
+            **rates}
 
 
 def class_counts(canvas: DiskCanvas, n_values: int, chunk_px: int = 1 << 20) -> np.ndarray:
@@ -294,6 +319,10 @@ def _batch_size(model: Model, options: SegmentOptions, tile_px: int) -> int:
     return options.batch_size or (max(1, 4 * 1024 ** 2 // tile_px ** 2) if on_gpu else 1)
 
 
+def _workers(options: SegmentOptions) -> int:
+    return options.workers or default_workers()
+
+
 def _preview_image(slide: Slide, tp: TilePlan, analysis: AnalysisOptions | None
                    ) -> tuple[np.ndarray, float]:
     """The slide image for the preview: the thumbnail, or a finer one for a small slide."""
@@ -317,7 +346,7 @@ def _infer_and_write(model: Model, slide: Slide, tp: TilePlan, out_set: OutputSe
         tally = ConfidenceTally()
         timing = run_tiles(model, slide, plan, tp.tiles, canvas=canvas, probs=probs,
                            tile_px=tp.tile_px, batch_size=_batch_size(model, options, tp.tile_px),
-                           workers=options.workers, progress=progress, tally=tally)
+                           workers=_workers(options), progress=progress, tally=tally)
         counts = class_counts(canvas, c.n_classes + 1)
         qc = qc_section(c.qc, tally, stain_lab(tp.thumb, tp.mask))
         description = {"wsiseg": __version__, "kind": "class map", "mpp": plan.mpp,
@@ -350,6 +379,7 @@ def _report(slide: Slide, model: Model, options: SegmentOptions, tp: TilePlan, m
         "model": model.to_dict(),
         "parameters": {**options.to_dict(), "tile_px": tp.tile_px,
                        "batch_size": _batch_size(model, options, tp.tile_px),
+                       "workers": _workers(options), "precision": c.precision,
                        "border_px": c.border_px},
         "tiles": {"total": len(tp.all_tiles), "run": len(tiles),
                   "computed_px_per_output_px": computed_px_ratio(len(tiles), tile_px=tp.tile_px,

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 from skimage.color import rgb2lab
 
-BINS = 100                 # top-probability histogram over [0, 1]
 TISSUE_MAX_L = 85.0        # CIELAB lightness below which a thumbnail pixel counts as stained
 
 
@@ -51,30 +50,28 @@ class Calibration:
 
 
 class ConfidenceTally:
-    """Histogram of the top class probability of tissue pixels, filled tile by tile."""
+    """Histogram of the top class probability (x 255, uint8) of tissue pixels, tile by tile."""
 
     def __init__(self) -> None:
-        self.hist = np.zeros(BINS, np.int64)
+        self.hist = np.zeros(256, np.int64)
 
-    def add(self, scores: np.ndarray, labels: np.ndarray, *, background: int,
-            logits: bool = True) -> None:
-        """``scores [C, h, w]`` of the pixels whose map values are ``labels [h, w]``."""
-        top = top_probability(scores) if logits else scores.max(axis=0)
-        tissue = labels != background if background else np.ones(labels.shape, bool)
-        idx = np.minimum((top[tissue] * BINS).astype(np.int64), BINS - 1)
-        self.hist += np.bincount(idx, minlength=BINS)
+    def add(self, top: np.ndarray, labels: np.ndarray, *, background: int) -> None:
+        """``top [h, w]`` uint8 (top probability x 255) of the pixels whose map values are
+        ``labels [h, w]``; background pixels are not counted."""
+        tissue = top[labels != background] if background else top.ravel()
+        self.hist += np.bincount(tissue, minlength=256)
 
     def share_below(self, threshold: float) -> float:
+        """Share of the counted pixels whose top probability is below ``threshold``."""
         n = int(self.hist.sum())
         if not n:
             return math.nan
-        return float(self.hist[:int(round(threshold * BINS))].sum() / n)
+        return float(self.hist[:u8_below(threshold)].sum() / n)
 
 
-def top_probability(logits: np.ndarray) -> np.ndarray:
-    """Largest softmax probability over axis 0 (classes): 1 / sum(exp(l - max))."""
-    m = logits.max(axis=0, keepdims=True)
-    return (1.0 / np.exp(logits - m).sum(axis=0)).astype(np.float32)
+def u8_below(threshold: float) -> int:
+    """The number of uint8 values v (probability x 255) with v / 255 < ``threshold``."""
+    return max(0, min(256, math.ceil(threshold * 255 - 1e-6)))
 
 
 def stain_lab(rgb: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float, float] | None:
