@@ -116,7 +116,10 @@ def test_shipped_int8_twin_passes_the_gate(shared_data):
     if not (shared_data / "ebhi-seg" / "index.csv").is_file():
         pytest.skip(f"{shared_data} has no EBHI-Seg data (the gate's labels)")
     twin = twin_path(SHIPPED, "int8")
-    gate = run_gate(SHIPPED, twin, data=shared_data, limit=16, slides={"demo": DEMO})
+    cmu1 = ROOT / "examples" / "CMU-1-Small-Region.svs"
+    gate = run_gate(SHIPPED, twin, data=shared_data, limit=16,
+                    slides={"demo": DEMO, "cmu-1": cmu1})
+    assert set(gate["slides"]) == {"ebhi-val", "kather-2016", "demo", "cmu-1"}
     for name, r in gate["slides"].items():
         assert r["agreement"] >= 0.99, (name, r)
     ebhi = gate["slides"]["ebhi-val"]
