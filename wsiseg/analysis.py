@@ -30,7 +30,7 @@ from .preview import hotspot_circle_px, make_preview, tsr_text_lines
 from .qc import text_lines as qc_text_lines
 from .stats import class_stats_from_counts, csv_header, csv_row
 from .tsr import NO_DATA, TSRConfig, measure_tsr_with_contract, tsr_lut
-from .writer import count_values, level_shapes, read_description, read_level, write_pyramid
+from .writer import count_level_values, level_shapes, read_description, read_level, write_pyramid
 
 OUTPUT_SUFFIXES = {"csv": ".csv", "tsr": ".tsr.tif", "geojson": ".geojson",
                    "preview": ".preview.png"}
@@ -121,7 +121,7 @@ def analyse_map(map_path: str | Path, *, options: AnalysisOptions = AnalysisOpti
     outputs = outputs or outputs_beside(info.path)
     background = [c.background_value] if c.background_value else []
     if counts is None:
-        counts = count_values(info.path, n_values=c.n_classes + 1)
+        counts = count_level_values(info.path, n_values=c.n_classes + 1)
     stats = class_stats_from_counts(counts, mpp=info.mpp, class_names=c.class_names,
                                     shape_px=info.shapes[0], background_values=background)
     section: dict = {"class_stats": stats.to_dict(), "outputs": {}}

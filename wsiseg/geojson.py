@@ -30,7 +30,7 @@ import numpy as np
 from skimage.measure import find_contours, label, regionprops
 
 from .files import write_text_atomic
-from .stats import check_labels, check_mpp
+from .labels import check_labels, check_mpp, count_values
 
 Ring = list[list[float]]
 _PIECE = 200  # points per independently simplified piece of a long contour
@@ -138,7 +138,7 @@ def class_features(labels: np.ndarray, *, class_names: Sequence[str],
     labels = check_labels(labels)
     if len(colors) != len(class_names):
         raise ValueError(f"{len(class_names)} class names but {len(colors)} colours")
-    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(class_names) + 1))
+    present = np.flatnonzero(count_values(labels, len(class_names) + 1))
     features = []
     for value in present:
         if value == 0 or value in skip_values or value > len(class_names):

@@ -30,6 +30,7 @@ from .canvas import DiskCanvas, DiskStack
 from .contract import to_metadata
 from .engine import Model, check_tile_px, fixed_tile_px, load_model
 from .files import write_text_atomic
+from .labels import count_values
 from .outputs import OutputError, OutputSet, check_distinct, check_output  # noqa: F401 (API)
 from .qc import ConfidenceTally, qc_section, stain_lab
 from .slide import ReadPlan, Slide
@@ -191,16 +192,6 @@ def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
             **rates}
 
 
-def class_counts(canvas: DiskCanvas, n_values: int, chunk_px: int = 1 << 20) -> np.ndarray:
-    """Pixel count per map value 0..n_values-1, read in chunks (bincount widens to int64, so
-    chunks stay small)."""
-    counts = np.zeros(n_values, np.int64)
-    rows = max(1, chunk_px // canvas.shape[1])
-    for r in range(0, canvas.shape[0], rows):
-        counts += np.bincount(canvas[r:r + rows].ravel(), minlength=n_values)[:n_values]
-    return counts
-
-
 @dataclass(frozen=True)
 class TilePlan:
     """What segment_slide will read: the read plan, the tissue mask and the tiles."""
@@ -347,7 +338,7 @@ def _infer_and_write(model: Model, slide: Slide, tp: TilePlan, out_set: OutputSe
         timing = run_tiles(model, slide, plan, tp.tiles, canvas=canvas, probs=probs,
                            tile_px=tp.tile_px, batch_size=_batch_size(model, options, tp.tile_px),
                            workers=_workers(options), progress=progress, tally=tally)
-        counts = class_counts(canvas, c.n_classes + 1)
+        counts = count_values(canvas, c.n_classes + 1)
         qc = qc_section(c.qc, tally, stain_lab(tp.thumb, tp.mask))
         description = {"wsiseg": __version__, "kind": "class map", "mpp": plan.mpp,
                        "slide": Path(slide.info.path).name, "slide_mpp": slide.info.mpp,

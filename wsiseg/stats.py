@@ -3,72 +3,22 @@
 Label maps follow the model contract: 0 = not analysed, ``k + 1`` = class ``k``. A whole
 slide at 1 um/px is far too large to measure at full resolution for a report, so every
 function here accepts a reduced map (a pyramid level, ``mpp * 2**k``) or reduces one with
-:func:`downsample_labels`. Nearest-neighbour reduction takes one pixel per block: each class
-keeps its expected pixel share, so areas and fractions stay unbiased (a majority vote would
-shrink small and thin classes).
+``wsiseg.labels.downsample_labels``, whose nearest-neighbour reduction keeps areas and fractions
+unbiased.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .labels import check_labels, check_mpp, count_values
+
 if TYPE_CHECKING:
     from wsiseg.tsr import TSRResult
-
-_CHUNK_PX = 1 << 24  # pixels counted per bincount call: bounds the int64 temporary to 128 MiB
-
-
-def check_mpp(mpp: Any) -> float:
-    """Return ``mpp`` as a float, or raise ValueError if it is not a positive finite number."""
-    if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(mpp) or mpp <= 0:
-        raise ValueError(f"the label map needs its resolution as a positive number of um per "
-                         f"pixel (mpp), got {mpp!r}; pass the slide's mpp explicitly")
-    return float(mpp)
-
-
-def check_labels(labels: np.ndarray) -> np.ndarray:
-    """Raise ValueError unless ``labels`` is a 2-D integer array (the contract's label map)."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"a label map must be a 2-D integer array, got {labels.dtype} with "
-                         f"shape {labels.shape}")
-    return labels
-
-
-def downsample_labels(labels: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour reduction by an integer ``factor``: one pixel per factor x factor block.
-
-    The output has ``ceil(h / factor) x ceil(w / factor)`` pixels; output pixel ``(i, j)``
-    covers input rows ``[i * factor, (i + 1) * factor)`` (and likewise columns) and takes the
-    value at the block's centre, clipped to the map for the last, partial block. Its mpp is
-    ``mpp * factor``.
-    """
-    labels = check_labels(labels)
-    if not isinstance(factor, (int, np.integer)) or factor < 1:
-        raise ValueError(f"downsample factor must be a positive integer, got {factor!r}")
-    if factor == 1:
-        return labels
-    h, w = labels.shape
-    rows = np.minimum(np.arange(-(-h // factor)) * factor + factor // 2, h - 1)
-    cols = np.minimum(np.arange(-(-w // factor)) * factor + factor // 2, w - 1)
-    return labels[np.ix_(rows, cols)]
-
-
-def count_values(labels: np.ndarray, n_values: int) -> np.ndarray:
-    """Pixel count of each value ``0 .. n_values - 1`` (values above are ignored), in chunks."""
-    labels = check_labels(labels)
-    counts = np.zeros(n_values, dtype=np.int64)
-    rows_per_chunk = max(1, _CHUNK_PX // max(1, labels.shape[1]))
-    for r0 in range(0, labels.shape[0], rows_per_chunk):
-        c = np.bincount(labels[r0:r0 + rows_per_chunk].ravel(), minlength=n_values)
-        counts += c[:n_values]
-    return counts
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
-from wsiseg.stats import check_labels, check_mpp, downsample_labels
+from .labels import check_labels, check_mpp, downsample_labels
 
 NO_DATA = 255  # TSR map value where the field is not eligible
 

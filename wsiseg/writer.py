@@ -37,6 +37,7 @@ import tifffile
 
 from wsiseg import __version__
 from wsiseg.files import owned_name, owned_prefix, remove_stale
+from wsiseg.labels import add_counts
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +272,10 @@ def level_shapes(path: str | os.PathLike) -> list[tuple[int, int]]:
         return [tuple(p.shape[:2]) for p in tif.pages]  # type: ignore[misc]
 
 
-def count_values(path: str | os.PathLike, *, n_values: int, level: int = 0) -> np.ndarray:
-    """Pixel count of every value 0..n_values-1 on one level, decoding one tile at a time (so a
-    whole-slide map never has to fit in memory). Tiles are cropped to the image: the padding
-    of edge tiles is not counted."""
+def count_level_values(path: str | os.PathLike, *, n_values: int, level: int = 0) -> np.ndarray:
+    """Pixel count of every value 0..n_values-1 on one level of a map file, decoding one tile at
+    a time (so a whole-slide map never has to fit in memory). Tiles are cropped to the image:
+    the padding of edge tiles is not counted."""
     counts = np.zeros(n_values, np.int64)
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[level]
@@ -285,7 +286,7 @@ def count_values(path: str | os.PathLike, *, n_values: int, level: int = 0) -> n
             r0, c0 = index[-3], index[-2]  # (..., row, col, sample) of the tile's corner
             tile = data.reshape(data.shape[-3], data.shape[-2], -1)[..., 0]
             tile = tile[: max(0, h - r0), : max(0, w - c0)]
-            counts += np.bincount(tile.ravel(), minlength=n_values)[:n_values]
+            add_counts(counts, tile)
     return counts
 
 
