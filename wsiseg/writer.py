@@ -26,7 +26,6 @@ import logging
 import math
 import mmap
 import os
-import secrets
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import tifffile
 
 from wsiseg import __version__
-from wsiseg.files import owned_name, owned_prefix, remove_stale
+from wsiseg.files import atomic_path
 from wsiseg.labels import add_counts
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def write_pyramid(path: str | os.PathLike, image: Any, *, mpp: float,
     extra: dict[str, Any] = {}
     if colormap is not None:
         extra = {"photometric": "palette", "colormap": _palette(colormap)}
-    with _atomic(path) as tmp, contextlib.ExitStack() as stack:
+    with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
         bigtiff = sum(a * b for a, b in shapes) >= _BIGTIFF_BYTES
         tw = stack.enter_context(tifffile.TiffWriter(tmp, bigtiff=bigtiff))
         source = image
@@ -108,7 +107,7 @@ def write_stack(path: str | os.PathLike, stack: Any, *, mpp: float,
     if len(names) != shape[0]:
         raise ValueError(f"{len(names)} names given for {shape[0]} channels")
     meta = {"channels": names, **(description or {})}
-    with _atomic(path) as tmp, tifffile.TiffWriter(
+    with atomic_path(path) as tmp, tifffile.TiffWriter(
             tmp, bigtiff=math.prod(shape) >= _BIGTIFF_BYTES) as tw:
         for c, name in enumerate(names):
             tw.write(_tiles(stack[c], shape[1:], tile_px, None), shape=shape[1:],
@@ -239,33 +238,6 @@ def _reduced_level(shape: tuple[int, int], folder: Path, stack: contextlib.ExitS
     return (lambda rows: file.write(np.ascontiguousarray(rows).data)), finish
 
 
-@contextlib.contextmanager
-def _atomic(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the body succeeds."""
-    final = Path(path).absolute()
-    folder = final.parent
-    if not folder.is_dir():
-        if folder.exists():
-            raise NotADirectoryError(f"output folder {folder} is not a folder")
-        raise FileNotFoundError(f"output folder {folder} does not exist")
-    if final.is_dir():
-        raise IsADirectoryError(f"output path {final} is a folder")
-    tag = f".{final.name}.tmp"
-    remove_stale(folder, owned_prefix(tag))
-    # Not mkstemp: its 0600 mode would end up on the final file; os.open honours the umask.
-    tmp = folder / owned_name(tag, secrets.token_hex(4))
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write to output folder {folder} ({e.strerror})") from None
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:  # including KeyboardInterrupt: never leave the temporary file
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def level_shapes(path: str | os.PathLike) -> list[tuple[int, int]]:
     """(h, w) of every page of a map, level 0 first."""
     with tifffile.TiffFile(path) as tif:
@@ -305,7 +277,7 @@ def write_rgb_pyramid(path: str | os.PathLike, rgb: np.ndarray, *, mpp: float,
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"rgb must be [H, W, 3] uint8, got {rgb.shape} {rgb.dtype}")
     _check_options(mpp, tile_px, "zlib")
-    with _atomic(path) as tmp, tifffile.TiffWriter(tmp) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tw:
         level, k = rgb, 0
         while True:
             px_per_cm = 1e4 / (mpp * 2 ** k)
