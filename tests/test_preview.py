@@ -8,8 +8,8 @@ from wsiseg.preview import (
     HEAT_ALPHA,
     hotspot_circle_px,
     make_preview,
-    tsr_text_lines,
 )
+from wsiseg.report import tsr_text_lines
 from wsiseg.tsr import NO_DATA, TSRConfig, measure_tsr, tsr_lut
 
 NAMES = ["tumour", "stroma", "background"]

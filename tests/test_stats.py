@@ -8,7 +8,8 @@ import pytest
 from wsiseg import labels as label_arrays
 from wsiseg.contract import paper_contract
 from wsiseg.labels import count_values, downsample_labels
-from wsiseg.stats import class_stats, csv_header, csv_row
+from wsiseg.report import csv_header, csv_row
+from wsiseg.stats import class_stats
 
 NAMES = ["tumour", "stroma", "background"]
 

@@ -16,8 +16,6 @@ existing map (a re-analysis needs no re-inference).
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,10 +24,10 @@ import numpy as np
 from .contract import ModelContract, from_metadata
 from .files import write_text_atomic
 from .geojson import class_features, hotspot_feature, write_geojson
-from .preview import hotspot_circle_px, make_preview, tsr_text_lines
-from .qc import text_lines as qc_text_lines
-from .stats import class_stats_from_counts, csv_header, csv_row
-from .tsr import NO_DATA, TSRConfig, measure_tsr_with_contract, tsr_lut
+from .preview import hotspot_circle_px, make_preview
+from .report import MAP_KIND, csv_text, preview_lines, tsr_map_description
+from .stats import class_stats_from_counts
+from .tsr import TSRConfig, measure_tsr_with_contract, tsr_lut
 from .writer import count_level_values, level_shapes, read_description, read_level, write_pyramid
 
 OUTPUT_SUFFIXES = {"csv": ".csv", "tsr": ".tsr.tif", "geojson": ".geojson",
@@ -95,7 +93,7 @@ def read_map_info(path: Path) -> MapInfo:
         desc = read_description(path)
     except ValueError as e:  # not a TIFF, or a description that is not wsiseg's JSON
         raise MapError(f"{path} is not a class map written by wsiseg segment ({e})") from None
-    if desc.get("kind") != "class map" or "contract" not in desc:
+    if desc.get("kind") != MAP_KIND or "contract" not in desc:
         raise MapError(f"{path} is not a class map written by wsiseg segment "
                        "(its TIFF description lacks the model contract)")
     mpp = desc.get("mpp")
@@ -132,18 +130,12 @@ def analyse_map(map_path: str | Path, *, options: AnalysisOptions = AnalysisOpti
                                         mpp=info.level_mpp(k), config=options.tsr_config)
         section["tsr"] = tsr.to_dict()
         write_pyramid(outputs["tsr"], tsr.tsr_map, mpp=tsr.grid_mpp, colormap=tsr_lut(),
-                      tile_px=256, description={
-                          "kind": "tsr map", "unit": "percent stroma / (stroma + tumour)",
-                          "no_data": NO_DATA, "field_diameter_um": tsr.config.field_diameter_um,
-                          "tumour_classes": list(tsr.tumour_classes),
-                          "stroma_classes": list(tsr.stroma_classes), "slide": info.slide})
+                      tile_px=256, description=tsr_map_description(tsr, slide=info.slide))
         section["outputs"]["tsr"] = str(outputs["tsr"])
     if options.csv:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(csv_header(c.class_names, with_tsr=options.tsr))
-        w.writerow(csv_row(info.slide or info.path.stem, stats, tsr, with_tsr=options.tsr))
-        write_text_atomic(outputs["csv"], buf.getvalue())
+        write_text_atomic(outputs["csv"], csv_text(info.slide or info.path.stem, stats, tsr,
+                                                   class_names=c.class_names,
+                                                   with_tsr=options.tsr))
         section["outputs"]["csv"] = str(outputs["csv"])
     colors = [k.color for k in c.classes]
     if options.geojson:
@@ -167,9 +159,7 @@ def analyse_map(map_path: str | Path, *, options: AnalysisOptions = AnalysisOpti
         make_preview(rgb, labels, colors=colors, names=c.class_names, path=outputs["preview"],
                      skip_values=background,
                      hotspot_px=hotspot_circle_px(hot, image_mpp=rgb_mpp) if hot else None,
-                     text_lines=[f"{info.slide}  ({c.name} v{c.version})",
-                                 *(tsr_text_lines(tsr) if tsr is not None else []),
-                                 *qc_text_lines(info.qc)],
+                     text_lines=preview_lines(info.slide, c, tsr, info.qc),
                      tsr_map=tsr.tsr_map if tsr is not None else None,
                      lut=tsr_lut() if tsr is not None else None)
         section["outputs"]["preview"] = str(outputs["preview"])

@@ -259,13 +259,14 @@ def _precision_twin(model: Path, precision: str) -> Path:
 def _segment_one(ctx: click.Context, *, slides, output, model, options, analysis, report_path,
                  overwrite, list_file) -> None:
     from .pipeline import segment_slide
+    from .report import summary
     quiet = ctx.obj["quiet"]
     with _progress(quiet, slides[0].name) as (on_start, progress):
         report = segment_slide(slides[0], output, model=model, options=options,
                                analysis=analysis, report_path=report_path, overwrite=overwrite,
                                on_start=on_start, progress=progress)
     if not quiet:
-        click.echo(_summary(output, report), err=True)
+        click.echo(summary(output, report), err=True)
     warning = qc_warning_line(report.get("qc", {}))
     if warning:
         click.echo(f"wsiseg: warning: {slides[0].name}: {warning}", err=True)
@@ -332,17 +333,6 @@ class _progress:
 def qc_warning_line(qc: dict) -> str | None:
     from .qc import warning_line
     return warning_line(qc)
-
-
-def _summary(output: Path, report: dict) -> str:
-    lines = [f"wrote {output} ({report['map']['shape'][1]} x {report['map']['shape'][0]} px at "
-             f"{report['map']['mpp']:.3g} um/px) in {report['timing']['total_s']:.1f} s"]
-    tsr = report.get("tsr")
-    if tsr:
-        hot = tsr.get("hotspot")
-        lines.append(f"TSR hot spot: {hot['tsr_pct']:.0f}% ({hot['category']})" if hot
-                     else f"TSR hot spot: none ({tsr.get('hotspot_reason')})")
-    return "\n".join(lines)
 
 
 @main.command()

@@ -31,6 +31,7 @@ from skimage.measure import find_contours, label, regionprops
 
 from .files import write_text_atomic
 from .labels import check_labels, check_mpp, count_values
+from .report import HOTSPOT, hotspot_name
 
 Ring = list[list[float]]
 _PIECE = 200  # points per independently simplified piece of a long contour
@@ -179,9 +180,8 @@ def hotspot_feature(hotspot: Any, *, slide_mpp: float, offset_xy: tuple[float, f
     angles = 2 * math.pi * np.arange(n_vertices + 1) / n_vertices
     angles[-1] = 0.0  # close exactly
     ring = [[round(cx + r * math.cos(a), 2), round(cy + r * math.sin(a), 2)] for a in angles]
-    name = f"TSR hot spot {hotspot.tsr_pct:.0f}% (score {hotspot.score_pct}%, {hotspot.category})"
-    return _feature({"type": "Polygon", "coordinates": [ring]}, name=name,
-                    class_name="TSR hot spot", color=color)
+    return _feature({"type": "Polygon", "coordinates": [ring]}, name=hotspot_name(hotspot),
+                    class_name=HOTSPOT, color=color)
 
 
 def feature_collection(features: Sequence[dict[str, Any]]) -> dict[str, Any]:

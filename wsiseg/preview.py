@@ -63,22 +63,6 @@ def hotspot_circle_px(hotspot: Any, *, image_mpp: float) -> tuple[float, float, 
             hotspot.diameter_um / 2 / image_mpp)
 
 
-def tsr_text_lines(tsr: Any) -> list[str]:
-    """Human-readable lines for a ``wsiseg.tsr.TSRResult``."""
-    hot, whole, fields = tsr.hotspot, tsr.whole, tsr.fields
-    lines = [f"TSR hot spot: {hot.tsr_pct:.0f}% (score {hot.score_pct}%, {hot.category})"
-             if hot else f"TSR hot spot: none - {tsr.hotspot_reason}",
-             f"TSR whole tumour: {whole.tsr_pct:.0f}% (score {whole.score_pct}%)"
-             if whole else f"TSR whole tumour: none - {tsr.whole_reason}"]
-    if fields.count:
-        lines.append(f"Eligible fields ({fields.centres_mm2:.2g} mm2 of centres): min "
-                     f"{fields.min_pct:.0f}%, median {fields.median_pct:.0f}%, "
-                     f"max {fields.max_pct:.0f}%")
-    lines.append(f"Field {tsr.config.field_diameter_um / 1000:g} mm; stroma = "
-                 + ", ".join(tsr.stroma_classes) + "; tumour = " + ", ".join(tsr.tumour_classes))
-    return lines
-
-
 def _font(size_px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size_px)

@@ -1,4 +1,4 @@
-"""Per-class areas and tissue fractions of a label map, and the per-slide CSV row.
+"""Per-class areas and tissue fractions of a label map (its CSV row: ``wsiseg.report``).
 
 Label maps follow the model contract: 0 = not analysed, ``k + 1`` = class ``k``. A whole
 slide at 1 um/px is far too large to measure at full resolution for a report, so every
@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .labels import check_labels, check_mpp, count_values
-
-if TYPE_CHECKING:
-    from wsiseg.tsr import TSRResult
 
 
 @dataclass(frozen=True)
@@ -97,47 +94,3 @@ def class_stats_from_counts(counts: Sequence[int], *, mpp: float, class_names: S
     return ClassStats(mpp=mpp, shape_px=(int(shape_px[0]), int(shape_px[1])),
                       analysed_mm2=analysed_px * px_mm2, tissue_mm2=tissue_px * px_mm2,
                       background_values=background, classes=classes, unknown_pixels=unknown)
-
-
-_TSR_COLUMNS = ("tsr_whole_pct", "tsr_hotspot_pct", "tsr_score_pct", "tsr_category",
-                "tsr_fields", "tsr_fields_min_pct", "tsr_fields_median_pct",
-                "tsr_fields_max_pct", "tsr_reason")
-
-
-def csv_header(class_names: Sequence[str], *, with_tsr: bool = True) -> list[str]:
-    """Column names of :func:`csv_row`: slide, mpp, areas, per-class mm2 and fraction, TSR."""
-    cols = ["slide", "mpp", "analysed_mm2", "tissue_mm2"]
-    for name in class_names:
-        cols += [f"{name} mm2", f"{name} fraction"]
-    return cols + list(_TSR_COLUMNS if with_tsr else ())
-
-
-def _fmt(v: float | None, digits: int) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
-
-
-def csv_row(slide: str, stats: ClassStats, tsr: TSRResult | None = None, *,
-            with_tsr: bool = True) -> list[str]:
-    """One CSV row per slide, matching :func:`csv_header`; empty cells where a value is None.
-
-    Write it with ``csv.writer(f).writerow(...)``. Areas have 4 decimals (0.0001 mm2 = a
-    10 x 10 um square), fractions 4, TSR percentages 1.
-    """
-    row = [slide, f"{stats.mpp:g}", _fmt(stats.analysed_mm2, 4), _fmt(stats.tissue_mm2, 4)]
-    for c in stats.classes:
-        row += [_fmt(c.area_mm2, 4), _fmt(c.fraction_of_tissue, 4)]
-    if not with_tsr:
-        return row
-    if tsr is None:
-        return row + [""] * (len(_TSR_COLUMNS) - 1) + ["TSR not measured"]
-    whole, hot, dist = tsr.whole, tsr.hotspot, tsr.fields
-    reasons = [r for r in (tsr.whole_reason, tsr.hotspot_reason) if r]
-    return row + [
-        _fmt(whole.tsr_pct if whole else None, 1),
-        _fmt(hot.tsr_pct if hot else None, 1),
-        "" if hot is None else str(hot.score_pct),
-        "" if hot is None else hot.category,
-        str(dist.count),
-        _fmt(dist.min_pct, 1), _fmt(dist.median_pct, 1), _fmt(dist.max_pct, 1),
-        "; ".join(dict.fromkeys(reasons)),
-    ]
