@@ -75,12 +75,6 @@ def _um_to_px(um: float, mpp: float) -> float:
     return um / mpp
 
 
-def _disk(radius: float) -> np.ndarray:
-    r = int(np.ceil(radius))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return (yy * yy + xx * xx) <= radius * radius
-
-
 def derive_labels(image: np.ndarray, mask: np.ndarray, *, epithelium: int, stroma: int,
                   background: int, params: Derivation = Derivation()) -> np.ndarray:
     """Dense label map (uint8, 0 = unannotated) of one EBHI-Seg crop; see the module docstring.

@@ -34,11 +34,6 @@ class Tile:
         r, c = self.core_row - self.out_row, self.core_col - self.out_col
         return slice(r, r + self.core_h), slice(c, c + self.core_w)
 
-    @property
-    def core_in_map(self) -> tuple[slice, slice]:
-        return (slice(self.core_row, self.core_row + self.core_h),
-                slice(self.core_col, self.core_col + self.core_w))
-
 
 @dataclass(frozen=True)
 class TilePlan:

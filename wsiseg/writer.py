@@ -56,11 +56,12 @@ def write_pyramid(path: str | os.PathLike, image: Any, *, mpp: float,
     """Write a 2-D uint8 label map as a pyramidal tiled TIFF; return the (h, w) of each level.
 
     ``image`` is anything 2-D with ``shape`` whose row slices ``image[r0:r1]`` give uint8
-    arrays: a numpy array or an ``np.memmap`` larger than RAM. ``mpp`` is microns per pixel of
-    level 0. ``colormap`` lists RGB triplets (0-255) for values 0, 1, ...; it makes the pages
-    palette images. ``description`` is stored as JSON (read it back with
-    :func:`read_description`). Levels halve until the longer side is at most ``min_size_px``
-    (default ``tile_px``, i.e. the last level fits in one tile).
+    arrays: a numpy array, or one larger than RAM in a file (an ``np.memmap``, the pipeline's
+    ``wsiseg.canvas.DiskCanvas``). ``mpp`` is microns per pixel of level 0. ``colormap`` lists
+    RGB triplets (0-255) for values 0, 1, ...; it makes the pages palette images.
+    ``description`` is stored as JSON (read it back with :func:`read_description`). Levels halve
+    until the longer side is at most ``min_size_px`` (default ``tile_px``, i.e. the last level
+    fits in one tile).
     """
     h, w = _check_2d(image, "image")
     _check_options(mpp, tile_px, compression)
