@@ -8,12 +8,11 @@ are resolved against the config file's folder. The resolved config is saved in e
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .augment import AugmentConfig
 
