@@ -267,17 +267,21 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
     if isinstance(model, (str, Path)):
         model = load_model(model, device=options.device)
     with OutputSet(finals) as out_set, Slide(slide_path, mpp=options.mpp) as slide:
+        # slide -> tissue mask -> tiles
         tp = plan_tiles(slide, model, options)
         preview = _preview_image(slide, tp, analysis)
         log.info("%s: %d of %d tiles of %dpx hold tissue", Path(slide_path).name, len(tp.tiles),
                  len(tp.all_tiles), tp.tile_px)
         if on_start:
             on_start(len(tp.tiles))
+        # tiles -> model -> label map (staged)
         counts, levels, timing, qc = _infer_and_write(model, slide, tp, out_set, options, progress)
+        # map -> analysis files (staged)
         t0 = time.perf_counter()
         section = _analyse(out_set, analysis, thumbnail=preview, counts=counts)
         timing["analysis_s"] = time.perf_counter() - t0
         timing["total_s"] = time.perf_counter() - t_start
+        # -> the report, written last; then every file moves into place
         report = run_report(slide=slide.info, model=model, tiles=tp, map_path=finals["map"],
                             levels=levels, parameters=_parameters(model, options, tp),
                             counts=counts, qc=qc, section=section, timing=timing,
