@@ -12,10 +12,10 @@ from wsiseg_train.ebhi import (
     Derivation,
     Sparsity,
     derive_labels,
-    ebhi_mapping,
     image_seed,
     sparsify,
 )
+from wsiseg_train.ebhi import EbhiMapping as ebhi_mapping
 from wsiseg_train.sets import build_data, class_values, pair_mapping
 
 EP, ST, BG = 1, 2, 5

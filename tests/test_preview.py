@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from wsiseg.labels import resize_nearest
 from wsiseg.preview import (
     GAP_PX,
     HEAT_ALPHA,
     hotspot_circle_px,
     make_preview,
-    resize_nearest,
-    tsr_text_lines,
 )
+from wsiseg.report import tsr_text_lines
 from wsiseg.tsr import NO_DATA, TSRConfig, measure_tsr, tsr_lut
 
 NAMES = ["tumour", "stroma", "background"]

@@ -5,9 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from wsiseg import stats
+from wsiseg import labels as label_arrays
 from wsiseg.contract import paper_contract
-from wsiseg.stats import class_stats, count_values, csv_header, csv_row, downsample_labels
+from wsiseg.labels import count_values, downsample_labels
+from wsiseg.report import csv_header, csv_row
+from wsiseg.stats import class_stats
 
 NAMES = ["tumour", "stroma", "background"]
 
@@ -72,7 +74,7 @@ def test_bad_maps_and_roles_are_refused():
 def test_chunked_counting_matches_bincount(monkeypatch):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 6, size=(37, 23), dtype=np.uint8)
-    monkeypatch.setattr(stats, "_CHUNK_PX", 50)  # 2 rows per chunk
+    monkeypatch.setattr(label_arrays, "_CHUNK_PX", 50)  # 2 rows per chunk
     assert count_values(labels, 6).tolist() == np.bincount(labels.ravel(), minlength=6).tolist()
 
 

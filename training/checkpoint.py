@@ -11,7 +11,6 @@ content is used.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from wsiseg.files import atomic_path
 
 FORMAT = "wsiseg-train/1"
 PLAIN = (type(None), bool, int, float, str)
@@ -56,9 +57,8 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` (checked to be plain data) to ``path`` through a temporary file."""
     path = Path(path)
     data = plain(payload)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint
+    with atomic_path(path) as tmp:  # never leave a half-written checkpoint
+        torch.save(data, tmp)
 
 
 def _numeric_scalar(dtype: np.dtype, data: bytes | None = None) -> int | float | bool:

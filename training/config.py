@@ -8,12 +8,11 @@ are resolved against the config file's folder. The resolved config is saved in e
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .augment import AugmentConfig
 
@@ -24,17 +23,22 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSection:
+    """``[model]``. Two keys look alike and mean different things: ``colors`` are the display
+    colours of the classes in the exported contract (class -> [r, g, b]; the others get the
+    paper's or a palette's), ``colour`` is what the network sees of the input (rgb or grey).
+    """
+
     classes: tuple[str, ...]
     name: str = "wsiseg-unet"
     version: str = "0"
-    colors: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
+    colors: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)  # class -> display
     tumour_classes: tuple[str, ...] = ()
     stroma_classes: tuple[str, ...] = ()
     background: str = ""                 # class written where no tissue is found ("" = none)
     width: int = 32
     depth: int = 5
     norm: str = "none"
-    colour: str = "rgb"                  # rgb | grey (the network sees luminance only)
+    colour: str = "rgb"                  # input: rgb | grey (the network sees luminance only)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)    # of RGB scaled to 0-1
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     border_px: int = 32                  # tile border for `export --no-context` (else measured)
@@ -42,6 +46,24 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class SetSection:
+    """One ``[[data.sets]]``. For ``kind = "pairs"``, ``mapping`` says how a mask becomes labels,
+    and under ``mapping = "ebhi"`` (``training/ebhi.py``: EBHI-Seg gland masks -> tissue classes)
+    four keys name other things than under ``values`` and ``threshold``:
+
+    ==============  ================================  ===================================
+    key             mapping = "values" / "threshold"  mapping = "ebhi"
+    ==============  ================================  ===================================
+    values          mask value -> class ("values")    image class -> its stroma class
+    foreground_map  column value -> foreground        image class -> its epithelium class
+    background      class below the threshold         class of near-white pixels (glass)
+    threshold       mask >= threshold: foreground     mask >= threshold: gland epithelium
+    ==============  ================================  ===================================
+
+    ``foreground_column`` is the CSV column whose value is looked up in both maps (the image
+    class for ``ebhi``), and ``annotation = "sparse"`` makes ``ebhi`` simulate sparse labels on
+    the training rows.
+    """
+
     kind: str                            # pairs | slide_labels | slide_annotations
     annotation: str = "dense"            # dense | sparse
     # pairs: a CSV listing image and mask files (paths relative to the CSV)
@@ -49,13 +71,14 @@ class SetSection:
     image_column: str = "image"
     mask_column: str = "label"
     split_column: str = "split"          # rows whose value is "train" / "val"; "" = all train
-    mapping: str = "values"              # pairs: values | threshold
+    mapping: str = "values"              # pairs: values | threshold | ebhi (see above)
     threshold: int = 128                 # threshold: mask >= threshold is foreground
     foreground: str = ""                 # threshold: class of the foreground ...
     foreground_column: str = ""          # ... or the CSV column whose value picks it
     foreground_map: Mapping[str, str] = field(default_factory=dict)  # column value -> class
     background: str = ""                 # threshold: class below threshold ("" = unannotated)
-    values: Mapping[str, str] = field(default_factory=dict)  # mask/raster value -> class
+    values: Mapping[str, str] = field(default_factory=dict)  # mask/raster value -> class (ebhi:
+                                                             # image class -> stroma class)
     image_mpp: float = 0.0               # pairs: mpp of the images (0 = the model's mpp)
     limit: int = 0                       # pairs: N evenly spaced rows of each split (0 = all)
     # slides: [{slide=..., labels=... | annotations=..., split=..., slide_mpp=?, labels_mpp=?}]

@@ -40,7 +40,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -73,12 +73,6 @@ class Sparsity:
 
 def _um_to_px(um: float, mpp: float) -> float:
     return um / mpp
-
-
-def _disk(radius: float) -> np.ndarray:
-    r = int(np.ceil(radius))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return (yy * yy + xx * xx) <= radius * radius
 
 
 def derive_labels(image: np.ndarray, mask: np.ndarray, *, epithelium: int, stroma: int,
@@ -168,34 +162,44 @@ def image_seed(name: str, seed: int = 0) -> int:
     return zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1 & 0xFFFFFFFF)
 
 
-def ebhi_mapping(epithelium: Callable[[Mapping[str, str]], int],
-                 stroma: Callable[[Mapping[str, str]], int], background: int, *,
-                 sparse: bool, split_column: str = "split", image_column: str = "image",
-                 derivation: Derivation = Derivation(), sparsity: Sparsity = Sparsity(),
-                 seed: int = 0):
+@dataclass(frozen=True)
+class EbhiMapping:
     """A pairs mapping ``(mask, row, image) -> labels`` for :func:`training.data.load_pair`.
 
-    Sparse simulation applies to training rows only; rows whose ``split_column`` is ``val``
-    stay dense (the reference). The sparse draw of an image depends only on its path and
-    ``seed``.
+    ``epithelium(row)`` and ``stroma(row)`` give the label values of a row's image class,
+    ``background`` that of near-white pixels. Sparse simulation applies to training rows only;
+    rows whose ``split_column`` is ``val`` stay dense (the reference). The sparse draw of an
+    image depends only on its path and ``seed``.
     """
-    def mapping(mask: np.ndarray, row: Mapping[str, str], image: np.ndarray) -> np.ndarray:
-        ep, st = epithelium(row), stroma(row)
-        key = (row.get(image_column, ""), hash(image.tobytes()), hash(mask.tobytes()), ep, st,
-               background, derivation)
+
+    # load_pair hands the image to a mapping only when it asks for it: the derivation needs it.
+    needs_image: ClassVar[bool] = True
+
+    epithelium: Callable[[Mapping[str, str]], int]
+    stroma: Callable[[Mapping[str, str]], int]
+    background: int
+    sparse: bool
+    split_column: str = "split"
+    image_column: str = "image"
+    derivation: Derivation = Derivation()
+    sparsity: Sparsity = Sparsity()
+    seed: int = 0
+
+    def __call__(self, mask: np.ndarray, row: Mapping[str, str], image: np.ndarray) -> np.ndarray:
+        ep, st = self.epithelium(row), self.stroma(row)
+        key = (row.get(self.image_column, ""), hash(image.tobytes()), hash(mask.tobytes()), ep,
+               st, self.background, self.derivation)
         labels = _CACHE.get(key)
         if labels is None:
-            labels = derive_labels(image, mask, epithelium=ep, stroma=st, background=background,
-                                   params=derivation)
+            labels = derive_labels(image, mask, epithelium=ep, stroma=st,
+                                   background=self.background, params=self.derivation)
             if len(_CACHE) < _CACHE_MAX:
                 _CACHE[key] = labels
         labels = labels.copy()
-        if sparse and row.get(split_column) != "val":
-            rng = np.random.default_rng(image_seed(row.get(image_column, ""), seed))
-            labels = sparsify(labels, rng, mpp=derivation.mpp, params=sparsity)
+        if self.sparse and row.get(self.split_column) != "val":
+            rng = np.random.default_rng(image_seed(row.get(self.image_column, ""), self.seed))
+            labels = sparsify(labels, rng, mpp=self.derivation.mpp, params=self.sparsity)
         return labels
-    mapping.needs_image = True
-    return mapping
 
 
 def mapping_for_set(s: Any, values: Mapping[str, int]):
@@ -219,9 +223,9 @@ def mapping_for_set(s: Any, values: Mapping[str, int]):
             return values[table[key]] if table[key] else 0   # "" = leave unannotated
         return f
 
-    return ebhi_mapping(pick(s.foreground_map, "epithelium (foreground_map)"),
-                        pick(s.values, "stroma (values)"),
-                        values[s.background] if s.background else 0,
-                        sparse=s.annotation == "sparse", split_column=s.split_column,
-                        image_column=s.image_column,
-                        derivation=Derivation(threshold=s.threshold))
+    return EbhiMapping(pick(s.foreground_map, "epithelium (foreground_map)"),
+                       pick(s.values, "stroma (values)"),
+                       values[s.background] if s.background else 0,
+                       sparse=s.annotation == "sparse", split_column=s.split_column,
+                       image_column=s.image_column,
+                       derivation=Derivation(threshold=s.threshold))

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from wsiseg.files import atomic_path, write_bytes_atomic
 
 
 def dice_counts(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -37,30 +37,19 @@ def dice_scores(counts: np.ndarray) -> tuple[list[float], float]:
     return per, float(np.mean(present)) if present else math.nan
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_log(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
     """metrics.csv and metrics.json (one record per epoch) and plot.png."""
     if not history:
         return
     keys = list(history[0])
     rows = [",".join(keys)] + [",".join(_fmt(h.get(k)) for k in keys) for h in history]
-    _atomic_write(run_dir / "metrics.csv", ("\n".join(rows) + "\n").encode())
-    _atomic_write(run_dir / "metrics.json", json.dumps(list(history), indent=1).encode())
+    write_bytes_atomic(run_dir / "metrics.csv", ("\n".join(rows) + "\n").encode())
+    write_bytes_atomic(run_dir / "metrics.json", json.dumps(list(history), indent=1).encode())
     plot(history, run_dir / "plot.png")
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
@@ -94,6 +83,5 @@ def plot(history: Sequence[dict[str, Any]], path: Path) -> None:
     _panel(draw, (50, 265, 620, 455), "validation Dice per epoch",
            [("overall", get("val_dice"), (44, 160, 44))], 0.0, 1.0)
     draw.text((50, 462), f"epochs 1..{len(history)}", fill=(0, 0, 0))
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

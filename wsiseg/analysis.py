@@ -16,8 +16,6 @@ existing map (a re-analysis needs no re-inference).
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,11 +24,11 @@ import numpy as np
 from .contract import ModelContract, from_metadata
 from .files import write_text_atomic
 from .geojson import class_features, hotspot_feature, write_geojson
-from .preview import hotspot_circle_px, make_preview, tsr_text_lines
-from .qc import text_lines as qc_text_lines
-from .stats import class_stats_from_counts, csv_header, csv_row
-from .tsr import NO_DATA, TSRConfig, measure_tsr_with_contract, tsr_lut
-from .writer import count_values, level_shapes, read_description, read_level, write_pyramid
+from .preview import hotspot_circle_px, make_preview
+from .report import MAP_KIND, csv_text, preview_lines, tsr_map_description
+from .stats import class_stats_from_counts
+from .tsr import TSRConfig, TSRResult, measure_tsr_with_contract, tsr_lut
+from .writer import count_level_values, level_shapes, read_description, read_level, write_pyramid
 
 OUTPUT_SUFFIXES = {"csv": ".csv", "tsr": ".tsr.tif", "geojson": ".geojson",
                    "preview": ".preview.png"}
@@ -77,6 +75,15 @@ class MapInfo:
     shapes: tuple[tuple[int, int], ...]
     qc: dict = field(default_factory=dict)  # the run's quality-control block (wsiseg.qc)
 
+    @property
+    def background(self) -> list[int]:
+        """The map value of the background class, if the model has one (not tissue)."""
+        return [self.contract.background_value] if self.contract.background_value else []
+
+    @property
+    def colors(self) -> list[tuple[int, int, int]]:
+        return [k.color for k in self.contract.classes]
+
     def level_mpp(self, level: int) -> float:
         return self.mpp * self.shapes[0][1] / self.shapes[level][1]
 
@@ -95,7 +102,7 @@ def read_map_info(path: Path) -> MapInfo:
         desc = read_description(path)
     except ValueError as e:  # not a TIFF, or a description that is not wsiseg's JSON
         raise MapError(f"{path} is not a class map written by wsiseg segment ({e})") from None
-    if desc.get("kind") != "class map" or "contract" not in desc:
+    if desc.get("kind") != MAP_KIND or "contract" not in desc:
         raise MapError(f"{path} is not a class map written by wsiseg segment "
                        "(its TIFF description lacks the model contract)")
     mpp = desc.get("mpp")
@@ -119,58 +126,69 @@ def analyse_map(map_path: str | Path, *, options: AnalysisOptions = AnalysisOpti
     info = read_map_info(Path(map_path))
     c = info.contract
     outputs = outputs or outputs_beside(info.path)
-    background = [c.background_value] if c.background_value else []
     if counts is None:
-        counts = count_values(info.path, n_values=c.n_classes + 1)
+        counts = count_level_values(info.path, n_values=c.n_classes + 1)
     stats = class_stats_from_counts(counts, mpp=info.mpp, class_names=c.class_names,
-                                    shape_px=info.shapes[0], background_values=background)
+                                    shape_px=info.shapes[0], background_values=info.background)
     section: dict = {"class_stats": stats.to_dict(), "outputs": {}}
-    tsr = None
-    if options.tsr:
-        k = info.coarsest_level_within(options.tsr_config.grid_um)
-        tsr = measure_tsr_with_contract(read_level(info.path, level=k), c,
-                                        mpp=info.level_mpp(k), config=options.tsr_config)
+    written = section["outputs"]
+    tsr = _measure_tsr(info, options.tsr_config) if options.tsr else None
+    if tsr is not None:
         section["tsr"] = tsr.to_dict()
         write_pyramid(outputs["tsr"], tsr.tsr_map, mpp=tsr.grid_mpp, colormap=tsr_lut(),
-                      tile_px=256, description={
-                          "kind": "tsr map", "unit": "percent stroma / (stroma + tumour)",
-                          "no_data": NO_DATA, "field_diameter_um": tsr.config.field_diameter_um,
-                          "tumour_classes": list(tsr.tumour_classes),
-                          "stroma_classes": list(tsr.stroma_classes), "slide": info.slide})
-        section["outputs"]["tsr"] = str(outputs["tsr"])
+                      tile_px=256, description=tsr_map_description(tsr, slide=info.slide))
+        written["tsr"] = str(outputs["tsr"])
     if options.csv:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(csv_header(c.class_names, with_tsr=options.tsr))
-        w.writerow(csv_row(info.slide or info.path.stem, stats, tsr, with_tsr=options.tsr))
-        write_text_atomic(outputs["csv"], buf.getvalue())
-        section["outputs"]["csv"] = str(outputs["csv"])
-    colors = [k.color for k in c.classes]
+        write_text_atomic(outputs["csv"], csv_text(info.slide or info.path.stem, stats, tsr,
+                                                   class_names=c.class_names,
+                                                   with_tsr=options.tsr))
+        written["csv"] = str(outputs["csv"])
     if options.geojson:
-        k = info.coarsest_level_within(options.geojson_um)
-        mpp_k = info.level_mpp(k)
-        features = class_features(read_level(info.path, level=k), class_names=c.class_names,
-                                  colors=colors, mpp=mpp_k, scale=mpp_k / info.slide_mpp,
-                                  skip_values=background)
-        if tsr is not None and tsr.hotspot is not None:
-            features.append(hotspot_feature(tsr.hotspot, slide_mpp=info.slide_mpp))
-        write_geojson(outputs["geojson"], features)
-        section["outputs"]["geojson"] = str(outputs["geojson"])
+        write_geojson(outputs["geojson"], _features(info, tsr, max_um=options.geojson_um))
+        written["geojson"] = str(outputs["geojson"])
     if options.preview:
-        k = info.coarsest_level_within(thumbnail[1] if thumbnail else options.preview_um)
-        labels = read_level(info.path, level=k)
-        if thumbnail is None:
-            rgb, rgb_mpp = np.full((*labels.shape, 3), 255, np.uint8), info.level_mpp(k)
-        else:
-            rgb, rgb_mpp = thumbnail
-        hot = tsr.hotspot if tsr is not None else None
-        make_preview(rgb, labels, colors=colors, names=c.class_names, path=outputs["preview"],
-                     skip_values=background,
-                     hotspot_px=hotspot_circle_px(hot, image_mpp=rgb_mpp) if hot else None,
-                     text_lines=[f"{info.slide}  ({c.name} v{c.version})",
-                                 *(tsr_text_lines(tsr) if tsr is not None else []),
-                                 *qc_text_lines(info.qc)],
-                     tsr_map=tsr.tsr_map if tsr is not None else None,
-                     lut=tsr_lut() if tsr is not None else None)
-        section["outputs"]["preview"] = str(outputs["preview"])
+        _write_preview(outputs["preview"], info, tsr, thumbnail=thumbnail,
+                       max_um=options.preview_um)
+        written["preview"] = str(outputs["preview"])
     return section
+
+
+def _measure_tsr(info: MapInfo, config: TSRConfig) -> TSRResult:
+    """TSR on the coarsest level at most as coarse as the TSR's working grid."""
+    k = info.coarsest_level_within(config.grid_um)
+    return measure_tsr_with_contract(read_level(info.path, level=k), info.contract,
+                                     mpp=info.level_mpp(k), config=config)
+
+
+def _features(info: MapInfo, tsr: TSRResult | None, *, max_um: float) -> list[dict]:
+    """GeoJSON features: the class polygons, traced on the coarsest level at most ``max_um``
+    per pixel, and the hot-spot circle."""
+    c = info.contract
+    k = info.coarsest_level_within(max_um)
+    mpp_k = info.level_mpp(k)
+    features = class_features(read_level(info.path, level=k), class_names=c.class_names,
+                              colors=info.colors, mpp=mpp_k, scale=mpp_k / info.slide_mpp,
+                              skip_values=info.background)
+    if tsr is not None and tsr.hotspot is not None:
+        features.append(hotspot_feature(tsr.hotspot, slide_mpp=info.slide_mpp))
+    return features
+
+
+def _write_preview(path: Path, info: MapInfo, tsr: TSRResult | None, *,
+                   thumbnail: tuple[np.ndarray, float] | None, max_um: float) -> None:
+    """The preview on the slide's thumbnail (on white without one), from the map level
+    closest to the thumbnail's resolution (or at most ``max_um`` per pixel)."""
+    c = info.contract
+    k = info.coarsest_level_within(thumbnail[1] if thumbnail else max_um)
+    labels = read_level(info.path, level=k)
+    if thumbnail is None:
+        rgb, rgb_mpp = np.full((*labels.shape, 3), 255, np.uint8), info.level_mpp(k)
+    else:
+        rgb, rgb_mpp = thumbnail
+    hot = tsr.hotspot if tsr is not None else None
+    make_preview(rgb, labels, colors=info.colors, names=c.class_names, path=path,
+                 skip_values=info.background,
+                 hotspot_px=hotspot_circle_px(hot, image_mpp=rgb_mpp) if hot else None,
+                 text_lines=preview_lines(info.slide, c, tsr, info.qc),
+                 tsr_map=tsr.tsr_map if tsr is not None else None,
+                 lut=tsr_lut() if tsr is not None else None)

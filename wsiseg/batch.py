@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import pid_running, write_text_atomic
+
 try:
     import fcntl
 except ImportError:  # Windows: the status table is then not guarded against a parallel worker
@@ -190,16 +192,6 @@ def is_complete(outputs: dict[str, Path]) -> bool:
 
 # ---------------------------------------------------------------------------- locks
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def _read_lock(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
@@ -219,7 +211,7 @@ def describe_lock(holder: dict) -> str:
 
 def _is_stale(holder: dict) -> bool:
     return (bool(holder) and holder.get("host") == socket.gethostname()
-            and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]))
+            and isinstance(holder.get("pid"), int) and not pid_running(holder["pid"]))
 
 
 def try_lock(path: Path) -> str | None:
@@ -295,12 +287,7 @@ def update_status(path: Path, status: SlideStatus) -> None:
         w = csv.DictWriter(buf, fieldnames=STATUS_COLUMNS, delimiter="\t", lineterminator="\n")
         w.writeheader()
         w.writerows(rows[k] for k in sorted(rows))
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(buf.getvalue())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(path, buf.getvalue())
 
 
 def one_line(e: BaseException) -> str:

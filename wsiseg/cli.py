@@ -15,6 +15,7 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,6 +24,7 @@ from .cli_options import (
     Group,
     LazyDefault,
     checked,
+    collect,
     configure_logging,
     default_from,
     log_settings,
@@ -31,6 +33,10 @@ from .cli_options import (
     tile_px_value,
     verbosity,
 )
+
+if TYPE_CHECKING:  # imported where used: `wsiseg --version` needs neither numpy nor onnxruntime
+    from .analysis import AnalysisOptions
+    from .pipeline import SegmentOptions
 
 log = logging.getLogger("wsiseg")
 
@@ -104,12 +110,25 @@ def info(slide: Path, mpp: float | None, model: Path | None, as_json: bool) -> N
 
 
 def _analysis_options(no_tsr: bool, no_geojson: bool, no_preview: bool, no_csv: bool,
-                      tsr_field_um: float, tsr_margin_um: float):
+                      tsr_field_um: float, tsr_margin_um: float) -> AnalysisOptions:
+    """The options of :func:`analysis_flags` as an ``AnalysisOptions``."""
     from .analysis import AnalysisOptions
     from .tsr import TSRConfig
     return AnalysisOptions(tsr=not no_tsr, geojson=not no_geojson, preview=not no_preview,
                            csv=not no_csv, tsr_config=TSRConfig(field_diameter_um=tsr_field_um,
                                                                 bulk_margin_um=tsr_margin_um))
+
+
+def _segment_options(mpp: float | None, device: str, tile_px: int | None,
+                     batch_size: int | None, workers: int | None, no_tissue_mask: bool,
+                     min_tissue_um2: float, probabilities: bool) -> SegmentOptions:
+    """The run options of ``segment`` as a ``SegmentOptions``."""
+    from .pipeline import SegmentOptions
+    from .tissue import TissueParams
+    return SegmentOptions(
+        tile_px=tile_px, batch_size=batch_size, workers=workers, device=device, mpp=mpp,
+        tissue=None if no_tissue_mask else TissueParams(min_tissue_um2=min_tissue_um2),
+        probabilities=probabilities)
 
 
 def analysis_flags(f):
@@ -170,40 +189,31 @@ def analysis_flags(f):
 @analysis_flags
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.pass_context
+@collect("options", _segment_options)
+@collect("analysis", _analysis_options)
 def segment(ctx: click.Context, slides: tuple[Path, ...], output: Path, list_file: Path | None,
-            model: Path | None, mpp: float | None, device: str, precision: str,
-            tile_px: int | None, batch_size: int | None, workers: int | None,
-            no_tissue_mask: bool, min_tissue_um2: float,
-            probabilities: bool, report_path: Path | None, no_tsr: bool, no_geojson: bool,
-            no_preview: bool, no_csv: bool, tsr_field_um: float, tsr_margin_um: float,
-            overwrite: bool) -> None:
+            model: Path | None, precision: str, report_path: Path | None, overwrite: bool,
+            options: SegmentOptions, analysis: AnalysisOptions) -> None:
     """Segment SLIDES into pyramidal class-map TIFFs with reports, TSR, GeoJSON and previews.
 
     One slide: -o is the map file. Several slides, folders, glob patterns or --list: -o is
     an output folder; slides already done there are skipped, each slide is locked while it
     runs, a failing slide does not stop the others, and OUT/status.tsv lists what happened."""
     from .engine import load_model
-    from .pipeline import SegmentOptions
-    from .tissue import TissueParams
     if not slides and list_file is None:
         raise click.UsageError("give at least one slide (or --list FILE)")
-    options = SegmentOptions(
-        tile_px=tile_px, batch_size=batch_size, workers=workers, device=device, mpp=mpp,
-        tissue=None if no_tissue_mask else TissueParams(min_tissue_um2=min_tissue_um2),
-        probabilities=probabilities)
-    analysis = _analysis_options(no_tsr, no_geojson, no_preview, no_csv, tsr_field_um,
-                                 tsr_margin_um)
     batch = _is_batch(slides, list_file, output)
     _check_outputs(batch, output, report_path, options, analysis)
-    loaded = load_model(_precision_twin(model or default_model(), precision), device=device)
+    loaded = load_model(_precision_twin(model or default_model(), precision),
+                        device=options.device)
     if loaded.contract.precision != precision:
         raise click.BadParameter(f"{Path(loaded.path).name} says precision "
                                  f"{loaded.contract.precision}, not {precision}; rebuild the twin "
                                  "or pick its --precision", param_hint="'--precision'")
-    if tile_px is not None:
+    if options.tile_px is not None:
         from .engine import ModelError, check_tile_px
         try:
-            check_tile_px(loaded, tile_px)
+            check_tile_px(loaded, options.tile_px)
         except ModelError as e:
             raise click.BadParameter(str(e), param_hint="'--tile-px'") from None
     run = _segment_batch if batch else _segment_one
@@ -259,13 +269,14 @@ def _precision_twin(model: Path, precision: str) -> Path:
 def _segment_one(ctx: click.Context, *, slides, output, model, options, analysis, report_path,
                  overwrite, list_file) -> None:
     from .pipeline import segment_slide
+    from .report import summary
     quiet = ctx.obj["quiet"]
     with _progress(quiet, slides[0].name) as (on_start, progress):
         report = segment_slide(slides[0], output, model=model, options=options,
                                analysis=analysis, report_path=report_path, overwrite=overwrite,
                                on_start=on_start, progress=progress)
     if not quiet:
-        click.echo(_summary(output, report), err=True)
+        click.echo(summary(output, report), err=True)
     warning = qc_warning_line(report.get("qc", {}))
     if warning:
         click.echo(f"wsiseg: warning: {slides[0].name}: {warning}", err=True)
@@ -334,17 +345,6 @@ def qc_warning_line(qc: dict) -> str | None:
     return warning_line(qc)
 
 
-def _summary(output: Path, report: dict) -> str:
-    lines = [f"wrote {output} ({report['map']['shape'][1]} x {report['map']['shape'][0]} px at "
-             f"{report['map']['mpp']:.3g} um/px) in {report['timing']['total_s']:.1f} s"]
-    tsr = report.get("tsr")
-    if tsr:
-        hot = tsr.get("hotspot")
-        lines.append(f"TSR hot spot: {hot['tsr_pct']:.0f}% ({hot['category']})" if hot
-                     else f"TSR hot spot: none ({tsr.get('hotspot_reason')})")
-    return "\n".join(lines)
-
-
 @main.command()
 @click.argument("map_path", metavar="MAP", type=click.Path(path_type=Path))
 @click.option("--slide", type=click.Path(path_type=Path),
@@ -352,17 +352,15 @@ def _summary(output: Path, report: dict) -> str:
 @click.option("--mpp", **MPP_OPTION)
 @analysis_flags
 @click.option("--overwrite", is_flag=True, help="Replace existing analysis outputs.")
-def report(map_path: Path, slide: Path | None, mpp: float | None, no_tsr: bool, no_geojson: bool,
-           no_preview: bool, no_csv: bool, tsr_field_um: float, tsr_margin_um: float,
-           overwrite: bool) -> None:
+@collect("options", _analysis_options)
+def report(map_path: Path, slide: Path | None, mpp: float | None, overwrite: bool,
+           options: AnalysisOptions) -> None:
     """Measure an existing class MAP (no inference): class areas, TSR, TSR map, GeoJSON,
     preview and CSV beside the map; the measurements as JSON on stdout."""
     from .analysis import analyse_map, outputs_beside
     from .outputs import OutputSet, check_output
     if not map_path.is_file():
         raise FileNotFoundError(f"map not found: {map_path}")
-    options = _analysis_options(no_tsr, no_geojson, no_preview, no_csv, tsr_field_um,
-                                tsr_margin_um)
     wanted = options.wanted(outputs_beside(map_path))
     finals = {k: p for k, p in outputs_beside(map_path).items() if p in wanted}
     for path in finals.values():

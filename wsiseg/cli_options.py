@@ -7,12 +7,16 @@ option value included), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM: docke
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import logging
 import math
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -85,6 +89,22 @@ class Group(click.Group):
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, previous)
+
+
+# -- option groups: a command takes an options dataclass, not one parameter per option --------
+
+def collect(name: str, build: Callable[..., Any]):
+    """Decorate a command callback (below its click decorators): the options named by the
+    parameters of ``build`` reach it as one keyword argument, ``name = build(**those)``."""
+    keys = list(inspect.signature(build).parameters)
+
+    def decorator(f):
+        @functools.wraps(f)
+        def wrapper(*args, **kwargs):
+            kwargs[name] = build(**{k: kwargs.pop(k) for k in keys})
+            return f(*args, **kwargs)
+        return wrapper
+    return decorator
 
 
 # -- option values: checked by click, so that a bad one is a usage error (exit 2) --------------

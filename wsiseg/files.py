@@ -1,13 +1,16 @@
-"""Small file helpers: atomic text files, temporary names that say whose they are, and the
-removal of what killed runs left behind."""
+"""Small file helpers for both packages: atomic writes, temporary names that say whose they are,
+the removal of what killed runs left behind, and whether a process still runs."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import secrets
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -16,16 +19,45 @@ log = logging.getLogger(__name__)
 FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary name beside ``path`` and move it into place, so the file
-    appears complete or not at all (also on KeyboardInterrupt)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the body succeeds, so
+    the file appears complete or not at all (the temporary file is removed on any error,
+    KeyboardInterrupt included). Temporary files of killed writers of the same file are
+    removed first (:func:`remove_stale`)."""
+    final = Path(path).absolute()
+    folder = final.parent
+    if not folder.is_dir():
+        if folder.exists():
+            raise NotADirectoryError(f"output folder {folder} is not a folder")
+        raise FileNotFoundError(f"output folder {folder} does not exist")
+    if final.is_dir():
+        raise IsADirectoryError(f"output path {final} is a folder")
+    tag = f".{final.name}.tmp"
+    remove_stale(folder, owned_prefix(tag))
+    # Not mkstemp: its 0600 mode would end up on the final file; os.open honours the umask.
+    tmp = folder / owned_name(tag, secrets.token_hex(4))
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write to output folder {folder} ({e.strerror})") from None
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:  # including KeyboardInterrupt: never leave the temporary file
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path`."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def owned_prefix(tag: str) -> str:
@@ -61,6 +93,7 @@ def remove_stale(folder: str | os.PathLike, prefix: str) -> None:
 
 
 def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (also when another user owns it)."""
     try:
         os.kill(pid, 0)  # signal 0: existence check only
     except ProcessLookupError:

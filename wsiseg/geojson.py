@@ -30,7 +30,8 @@ import numpy as np
 from skimage.measure import find_contours, label, regionprops
 
 from .files import write_text_atomic
-from .stats import check_labels, check_mpp
+from .labels import check_labels, check_mpp, count_values
+from .report import HOTSPOT, hotspot_name
 
 Ring = list[list[float]]
 _PIECE = 200  # points per independently simplified piece of a long contour
@@ -138,7 +139,7 @@ def class_features(labels: np.ndarray, *, class_names: Sequence[str],
     labels = check_labels(labels)
     if len(colors) != len(class_names):
         raise ValueError(f"{len(class_names)} class names but {len(colors)} colours")
-    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=len(class_names) + 1))
+    present = np.flatnonzero(count_values(labels, len(class_names) + 1))
     features = []
     for value in present:
         if value == 0 or value in skip_values or value > len(class_names):
@@ -179,9 +180,8 @@ def hotspot_feature(hotspot: Any, *, slide_mpp: float, offset_xy: tuple[float, f
     angles = 2 * math.pi * np.arange(n_vertices + 1) / n_vertices
     angles[-1] = 0.0  # close exactly
     ring = [[round(cx + r * math.cos(a), 2), round(cy + r * math.sin(a), 2)] for a in angles]
-    name = f"TSR hot spot {hotspot.tsr_pct:.0f}% (score {hotspot.score_pct}%, {hotspot.category})"
-    return _feature({"type": "Polygon", "coordinates": [ring]}, name=name,
-                    class_name="TSR hot spot", color=color)
+    return _feature({"type": "Polygon", "coordinates": [ring]}, name=hotspot_name(hotspot),
+                    class_name=HOTSPOT, color=color)
 
 
 def feature_collection(features: Sequence[dict[str, Any]]) -> dict[str, Any]:

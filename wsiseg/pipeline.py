@@ -10,7 +10,6 @@ last (``wsiseg.outputs``).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -27,15 +26,16 @@ import numpy as np
 from . import __version__, engine
 from .analysis import OUTPUT_SUFFIXES, AnalysisOptions, analyse_map, outputs_beside
 from .canvas import DiskCanvas, DiskStack
-from .contract import to_metadata
 from .engine import Model, check_tile_px, fixed_tile_px, load_model
 from .files import write_text_atomic
+from .labels import count_values
 from .outputs import OutputError, OutputSet, check_distinct, check_output  # noqa: F401 (API)
 from .qc import ConfidenceTally, qc_section, stain_lab
+from .report import map_description, probabilities_description, report_json, run_report
 from .slide import ReadPlan, Slide
 from .slide import versions as slide_versions
-from .tiling import Tile, choose_tile_px, computed_px_ratio, tile_grid, tiles_on_mask
-from .tissue import TissueParams, area_mm2, tissue_mask
+from .tiling import Tile, TilePlan, choose_tile_px, tile_grid, tiles_on_mask
+from .tissue import TissueParams, tissue_mask
 from .writer import version as writer_version
 from .writer import write_pyramid, write_stack
 
@@ -191,29 +191,6 @@ def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
             **rates}
 
 
-def class_counts(canvas: DiskCanvas, n_values: int, chunk_px: int = 1 << 20) -> np.ndarray:
-    """Pixel count per map value 0..n_values-1, read in chunks (bincount widens to int64, so
-    chunks stay small)."""
-    counts = np.zeros(n_values, np.int64)
-    rows = max(1, chunk_px // canvas.shape[1])
-    for r in range(0, canvas.shape[0], rows):
-        counts += np.bincount(canvas[r:r + rows].ravel(), minlength=n_values)[:n_values]
-    return counts
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """What segment_slide will read: the read plan, the tissue mask and the tiles."""
-
-    plan: ReadPlan
-    thumb: np.ndarray
-    thumb_mpp: float
-    mask: np.ndarray
-    tile_px: int
-    all_tiles: list[Tile]
-    tiles: list[Tile]  # those run (on tissue, unless the mask is off)
-
-
 def plan_tiles(slide: Slide, model: Model, options: SegmentOptions) -> TilePlan:
     """Thumbnail → tissue mask → tile size → tiles on tissue, for ``model`` on ``slide``."""
     c = model.contract
@@ -290,25 +267,26 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
     if isinstance(model, (str, Path)):
         model = load_model(model, device=options.device)
     with OutputSet(finals) as out_set, Slide(slide_path, mpp=options.mpp) as slide:
+        # slide -> tissue mask -> tiles
         tp = plan_tiles(slide, model, options)
         preview = _preview_image(slide, tp, analysis)
         log.info("%s: %d of %d tiles of %dpx hold tissue", Path(slide_path).name, len(tp.tiles),
                  len(tp.all_tiles), tp.tile_px)
         if on_start:
             on_start(len(tp.tiles))
+        # tiles -> model -> label map (staged)
         counts, levels, timing, qc = _infer_and_write(model, slide, tp, out_set, options, progress)
+        # map -> analysis files (staged)
         t0 = time.perf_counter()
-        section: dict = {}
-        if analysis:
-            staged = {k: out_set.staged(k) for k in OUTPUT_SUFFIXES if k in finals}
-            section = analyse_map(out_set.staged("map"), options=analysis, thumbnail=preview,
-                                  outputs=staged, counts=counts)
-            section["outputs"] = {k: str(finals[k]) for k in section["outputs"]}
+        section = _analyse(out_set, analysis, thumbnail=preview, counts=counts)
         timing["analysis_s"] = time.perf_counter() - t0
         timing["total_s"] = time.perf_counter() - t_start
-        report = _report(slide, model, options, tp, finals["map"], levels=levels, counts=counts,
-                         section=section, timing=timing, qc=qc)
-        write_text_atomic(out_set.staged("report"), json.dumps(report, indent=2) + "\n")
+        # -> the report, written last; then every file moves into place
+        report = run_report(slide=slide.info, model=model, tiles=tp, map_path=finals["map"],
+                            levels=levels, parameters=_parameters(model, options, tp),
+                            counts=counts, qc=qc, section=section, timing=timing,
+                            software=software_versions())
+        write_text_atomic(out_set.staged("report"), report_json(report))
         out_set.publish()
     return report
 
@@ -321,6 +299,12 @@ def _batch_size(model: Model, options: SegmentOptions, tile_px: int) -> int:
 
 def _workers(options: SegmentOptions) -> int:
     return options.workers or default_workers()
+
+
+def _parameters(model: Model, options: SegmentOptions, tp: TilePlan) -> dict:
+    """The options as run: the tile size, batch size and reader threads decided."""
+    return {**options.to_dict(), "tile_px": tp.tile_px,
+            "batch_size": _batch_size(model, options, tp.tile_px), "workers": _workers(options)}
 
 
 def _preview_image(slide: Slide, tp: TilePlan, analysis: AnalysisOptions | None
@@ -347,52 +331,31 @@ def _infer_and_write(model: Model, slide: Slide, tp: TilePlan, out_set: OutputSe
         timing = run_tiles(model, slide, plan, tp.tiles, canvas=canvas, probs=probs,
                            tile_px=tp.tile_px, batch_size=_batch_size(model, options, tp.tile_px),
                            workers=_workers(options), progress=progress, tally=tally)
-        counts = class_counts(canvas, c.n_classes + 1)
+        counts = count_values(canvas, c.n_classes + 1)
         qc = qc_section(c.qc, tally, stain_lab(tp.thumb, tp.mask))
-        description = {"wsiseg": __version__, "kind": "class map", "mpp": plan.mpp,
-                       "slide": Path(slide.info.path).name, "slide_mpp": slide.info.mpp,
-                       "legend": c.legend(), "contract": to_metadata(c), "qc": qc}
+        description = map_description(c, mpp=plan.mpp, slide=slide.info, qc=qc)
         colormap = [(0, 0, 0)] + [k.color for k in c.classes]
         t0 = time.perf_counter()
         levels = write_pyramid(out_set.staged("map"), canvas, mpp=plan.mpp, colormap=colormap,
                                description=description)
         if probs is not None:
             write_stack(out_set.staged("prob"), probs, mpp=plan.mpp, names=c.class_names,
-                        description={**description, "kind": "class probabilities x255"})
+                        description=probabilities_description(description))
         timing["write_s"] = time.perf_counter() - t0
     return counts, levels, timing, qc
 
 
-def _report(slide: Slide, model: Model, options: SegmentOptions, tp: TilePlan, map_path: Path,
-            *, levels: list[tuple[int, int]], counts: np.ndarray, section: dict,
-            timing: dict[str, float], qc: dict) -> dict:
-    c, plan, tiles = model.contract, tp.plan, tp.tiles
-    out_px = plan.out_shape[0] * plan.out_shape[1]
-    px_mm2 = plan.mpp * plan.mpp / 1e6
-    timing["tissue_mpx_per_s"] = len(tiles) and (
-        sum(t.core_h * t.core_w for t in tiles) / 1e6 / timing["tiles_s"])
-    return {
-        "wsiseg": __version__,
-        "slide": slide.info.to_dict(),
-        "map": {"path": str(map_path), "mpp": plan.mpp, "shape": list(plan.out_shape),
-                "levels": [list(lv) for lv in levels], "read_plan": plan.to_dict()},
-        "model": model.to_dict(),
-        "parameters": {**options.to_dict(), "tile_px": tp.tile_px,
-                       "batch_size": _batch_size(model, options, tp.tile_px),
-                       "workers": _workers(options), "precision": c.precision,
-                       "border_px": c.border_px},
-        "tiles": {"total": len(tp.all_tiles), "run": len(tiles),
-                  "computed_px_per_output_px": computed_px_ratio(len(tiles), tile_px=tp.tile_px,
-                                                                 out_px=out_px)},
-        "tissue_mm2": area_mm2(tp.mask, mpp=tp.thumb_mpp),
-        "class_area_mm2": {name: float(counts[i + 1]) * px_mm2
-                           for i, name in enumerate(c.class_names)},
-        "not_analysed_mm2": float(counts[0]) * px_mm2,
-        "qc": qc,
-        **section,
-        "timing": timing,
-        "software": software_versions(),
-    }
+def _analyse(out_set: OutputSet, analysis: AnalysisOptions | None, *,
+             thumbnail: tuple[np.ndarray, float], counts: np.ndarray) -> dict:
+    """The staged map's analysis (``wsiseg.analysis``), its files staged and named by their
+    final paths in the section; {} when ``analysis`` is None."""
+    if not analysis:
+        return {}
+    staged = {k: out_set.staged(k) for k in OUTPUT_SUFFIXES if k in out_set.finals}
+    section = analyse_map(out_set.staged("map"), options=analysis, thumbnail=thumbnail,
+                          outputs=staged, counts=counts)
+    section["outputs"] = {k: str(out_set.finals[k]) for k in section["outputs"]}
+    return section
 
 
 def software_versions() -> dict[str, str]:

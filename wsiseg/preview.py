@@ -17,16 +17,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .labels import count_values, resize_nearest
+
 GAP_PX = 8
 HEAT_ALPHA = 0.75  # TSR colours over the grey thumbnail
 _WHITE, _BLACK = (255, 255, 255), (0, 0, 0)
-
-
-def resize_nearest(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize a 2-D array to ``shape`` (rows, cols) by nearest-neighbour sampling."""
-    rows = ((np.arange(shape[0]) + 0.5) * a.shape[0] / shape[0]).astype(np.intp)
-    cols = ((np.arange(shape[1]) + 0.5) * a.shape[1] / shape[1]).astype(np.intp)
-    return a[np.ix_(np.minimum(rows, a.shape[0] - 1), np.minimum(cols, a.shape[1] - 1))]
 
 
 def blend_classes(rgb: np.ndarray, labels: np.ndarray, colors: Sequence[Sequence[int]], *,
@@ -66,22 +61,6 @@ def hotspot_circle_px(hotspot: Any, *, image_mpp: float) -> tuple[float, float, 
     """(row, col, radius) in pixels of an image at ``image_mpp`` whose corner is the map's."""
     return (hotspot.centre_row_um / image_mpp, hotspot.centre_col_um / image_mpp,
             hotspot.diameter_um / 2 / image_mpp)
-
-
-def tsr_text_lines(tsr: Any) -> list[str]:
-    """Human-readable lines for a ``wsiseg.tsr.TSRResult``."""
-    hot, whole, fields = tsr.hotspot, tsr.whole, tsr.fields
-    lines = [f"TSR hot spot: {hot.tsr_pct:.0f}% (score {hot.score_pct}%, {hot.category})"
-             if hot else f"TSR hot spot: none - {tsr.hotspot_reason}",
-             f"TSR whole tumour: {whole.tsr_pct:.0f}% (score {whole.score_pct}%)"
-             if whole else f"TSR whole tumour: none - {tsr.whole_reason}"]
-    if fields.count:
-        lines.append(f"Eligible fields ({fields.centres_mm2:.2g} mm2 of centres): min "
-                     f"{fields.min_pct:.0f}%, median {fields.median_pct:.0f}%, "
-                     f"max {fields.max_pct:.0f}%")
-    lines.append(f"Field {tsr.config.field_diameter_um / 1000:g} mm; stroma = "
-                 + ", ".join(tsr.stroma_classes) + "; tumour = " + ", ".join(tsr.tumour_classes))
-    return lines
 
 
 def _font(size_px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -178,7 +157,7 @@ def make_preview(thumbnail_rgb: np.ndarray, labels: np.ndarray, *,
               class_panel(lab, colors, skip_values=skip_values)]
     if tsr_map is not None:
         panels.append(heat_map(rgb, np.asarray(tsr_map), np.asarray(lut)))
-    present = np.flatnonzero(np.bincount(lab.ravel().astype(np.intp), minlength=len(names) + 1))
+    present = np.flatnonzero(count_values(lab, len(names) + 1))
     entries = [(names[v - 1], colors[v - 1]) for v in present
                if 0 < v <= len(names) and v not in skip_values]
 

@@ -1,74 +1,21 @@
-"""Per-class areas and tissue fractions of a label map, and the per-slide CSV row.
+"""Per-class areas and tissue fractions of a label map (its CSV row: ``wsiseg.report``).
 
 Label maps follow the model contract: 0 = not analysed, ``k + 1`` = class ``k``. A whole
 slide at 1 um/px is far too large to measure at full resolution for a report, so every
 function here accepts a reduced map (a pyramid level, ``mpp * 2**k``) or reduces one with
-:func:`downsample_labels`. Nearest-neighbour reduction takes one pixel per block: each class
-keeps its expected pixel share, so areas and fractions stay unbiased (a majority vote would
-shrink small and thin classes).
+``wsiseg.labels.downsample_labels``, whose nearest-neighbour reduction keeps areas and fractions
+unbiased.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from wsiseg.tsr import TSRResult
-
-_CHUNK_PX = 1 << 24  # pixels counted per bincount call: bounds the int64 temporary to 128 MiB
-
-
-def check_mpp(mpp: Any) -> float:
-    """Return ``mpp`` as a float, or raise ValueError if it is not a positive finite number."""
-    if isinstance(mpp, bool) or not isinstance(mpp, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(mpp) or mpp <= 0:
-        raise ValueError(f"the label map needs its resolution as a positive number of um per "
-                         f"pixel (mpp), got {mpp!r}; pass the slide's mpp explicitly")
-    return float(mpp)
-
-
-def check_labels(labels: np.ndarray) -> np.ndarray:
-    """Raise ValueError unless ``labels`` is a 2-D integer array (the contract's label map)."""
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"a label map must be a 2-D integer array, got {labels.dtype} with "
-                         f"shape {labels.shape}")
-    return labels
-
-
-def downsample_labels(labels: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour reduction by an integer ``factor``: one pixel per factor x factor block.
-
-    The output has ``ceil(h / factor) x ceil(w / factor)`` pixels; output pixel ``(i, j)``
-    covers input rows ``[i * factor, (i + 1) * factor)`` (and likewise columns) and takes the
-    value at the block's centre, clipped to the map for the last, partial block. Its mpp is
-    ``mpp * factor``.
-    """
-    labels = check_labels(labels)
-    if not isinstance(factor, (int, np.integer)) or factor < 1:
-        raise ValueError(f"downsample factor must be a positive integer, got {factor!r}")
-    if factor == 1:
-        return labels
-    h, w = labels.shape
-    rows = np.minimum(np.arange(-(-h // factor)) * factor + factor // 2, h - 1)
-    cols = np.minimum(np.arange(-(-w // factor)) * factor + factor // 2, w - 1)
-    return labels[np.ix_(rows, cols)]
-
-
-def count_values(labels: np.ndarray, n_values: int) -> np.ndarray:
-    """Pixel count of each value ``0 .. n_values - 1`` (values above are ignored), in chunks."""
-    labels = check_labels(labels)
-    counts = np.zeros(n_values, dtype=np.int64)
-    rows_per_chunk = max(1, _CHUNK_PX // max(1, labels.shape[1]))
-    for r0 in range(0, labels.shape[0], rows_per_chunk):
-        c = np.bincount(labels[r0:r0 + rows_per_chunk].ravel(), minlength=n_values)
-        counts += c[:n_values]
-    return counts
+from .labels import check_labels, check_mpp, count_values
 
 
 @dataclass(frozen=True)
@@ -147,47 +94,3 @@ def class_stats_from_counts(counts: Sequence[int], *, mpp: float, class_names: S
     return ClassStats(mpp=mpp, shape_px=(int(shape_px[0]), int(shape_px[1])),
                       analysed_mm2=analysed_px * px_mm2, tissue_mm2=tissue_px * px_mm2,
                       background_values=background, classes=classes, unknown_pixels=unknown)
-
-
-_TSR_COLUMNS = ("tsr_whole_pct", "tsr_hotspot_pct", "tsr_score_pct", "tsr_category",
-                "tsr_fields", "tsr_fields_min_pct", "tsr_fields_median_pct",
-                "tsr_fields_max_pct", "tsr_reason")
-
-
-def csv_header(class_names: Sequence[str], *, with_tsr: bool = True) -> list[str]:
-    """Column names of :func:`csv_row`: slide, mpp, areas, per-class mm2 and fraction, TSR."""
-    cols = ["slide", "mpp", "analysed_mm2", "tissue_mm2"]
-    for name in class_names:
-        cols += [f"{name} mm2", f"{name} fraction"]
-    return cols + list(_TSR_COLUMNS if with_tsr else ())
-
-
-def _fmt(v: float | None, digits: int) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
-
-
-def csv_row(slide: str, stats: ClassStats, tsr: TSRResult | None = None, *,
-            with_tsr: bool = True) -> list[str]:
-    """One CSV row per slide, matching :func:`csv_header`; empty cells where a value is None.
-
-    Write it with ``csv.writer(f).writerow(...)``. Areas have 4 decimals (0.0001 mm2 = a
-    10 x 10 um square), fractions 4, TSR percentages 1.
-    """
-    row = [slide, f"{stats.mpp:g}", _fmt(stats.analysed_mm2, 4), _fmt(stats.tissue_mm2, 4)]
-    for c in stats.classes:
-        row += [_fmt(c.area_mm2, 4), _fmt(c.fraction_of_tissue, 4)]
-    if not with_tsr:
-        return row
-    if tsr is None:
-        return row + [""] * (len(_TSR_COLUMNS) - 1) + ["TSR not measured"]
-    whole, hot, dist = tsr.whole, tsr.hotspot, tsr.fields
-    reasons = [r for r in (tsr.whole_reason, tsr.hotspot_reason) if r]
-    return row + [
-        _fmt(whole.tsr_pct if whole else None, 1),
-        _fmt(hot.tsr_pct if hot else None, 1),
-        "" if hot is None else str(hot.score_pct),
-        "" if hot is None else hot.category,
-        str(dist.count),
-        _fmt(dist.min_pct, 1), _fmt(dist.median_pct, 1), _fmt(dist.max_pct, 1),
-        "; ".join(dict.fromkeys(reasons)),
-    ]

@@ -11,8 +11,12 @@ most ``border_px``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .slide import ReadPlan
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,18 @@ class Tile:
         r, c = self.core_row - self.out_row, self.core_col - self.out_col
         return slice(r, r + self.core_h), slice(c, c + self.core_w)
 
-    @property
-    def core_in_map(self) -> tuple[slice, slice]:
-        return (slice(self.core_row, self.core_row + self.core_h),
-                slice(self.core_col, self.core_col + self.core_w))
+
+@dataclass(frozen=True)
+class TilePlan:
+    """What a run reads: the slide's read plan, the tissue mask (on a thumbnail) and the tiles."""
+
+    plan: ReadPlan
+    thumb: np.ndarray
+    thumb_mpp: float
+    mask: np.ndarray
+    tile_px: int
+    all_tiles: list[Tile]
+    tiles: list[Tile]  # those run (on tissue, unless the mask is off)
 
 
 def tile_grid(out_shape: tuple[int, int], *, tile_px: int, border_px: int) -> list[Tile]:

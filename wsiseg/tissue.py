@@ -8,7 +8,7 @@ the same settings mean the same thing at any thumbnail resolution.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from skimage import morphology
@@ -21,9 +21,6 @@ class TissueParams:
     min_tissue_um2: float = 20_000.0  # drop specks smaller than this (0.02 mm²)
     min_hole_um2: float = 50_000.0  # fill holes smaller than this (lumina, tears)
     margin_um: float = 32.0  # grow the mask so tissue edges are analysed
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def tissue_mask(rgb: np.ndarray, scanned: np.ndarray, *, mpp: float,

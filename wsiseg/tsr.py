@@ -40,7 +40,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
-from wsiseg.stats import check_labels, check_mpp, downsample_labels
+from .labels import check_labels, check_mpp, downsample_labels
 
 NO_DATA = 255  # TSR map value where the field is not eligible
 
@@ -216,10 +216,6 @@ def measure_tsr(labels: np.ndarray, *, mpp: float, tumour_values: Sequence[int],
     labels = check_labels(labels)
     tumour_values = [int(v) for v in tumour_values]
     stroma_values = [int(v) for v in stroma_values]
-
-    def name(v: int) -> str:
-        return class_names[v - 1] if class_names and 1 <= v <= len(class_names) else f"value {v}"
-
     factor = max(1, int(config.grid_um / mpp + 1e-9))
     small = downsample_labels(labels, factor) if labels.size else labels
     grid_mpp = mpp * factor
@@ -229,46 +225,82 @@ def measure_tsr(labels: np.ndarray, *, mpp: float, tumour_values: Sequence[int],
     stroma = np.isin(small, stroma_values)
     tsr_map = np.full(small.shape, NO_DATA, dtype=np.uint8)
 
-    reason = None
-    if not labels.size:
-        reason = "the label map is empty"
-    elif not tumour_values:
-        reason = "the model names no tumour class"
-    elif not stroma_values:
-        reason = "the model names no stroma class"
-    elif not tissue.any():
-        reason = "the map holds no analysed tissue"
-    elif not tumour.any():
-        reason = "no tumour in the map"
-
-    def result(bulk: np.ndarray, whole: TSRValue | None, hot: Hotspot | None,
-               hot_reason: str | None, dist: FieldDistribution) -> TSRResult:
+    def result(bulk: np.ndarray, whole: TSRValue | None, whole_reason: str | None,
+               hot: Hotspot | None, hot_reason: str | None,
+               dist: FieldDistribution) -> TSRResult:
         return TSRResult(
-            tumour_classes=tuple(name(v) for v in tumour_values),
-            stroma_classes=tuple(name(v) for v in stroma_values),
+            tumour_classes=tuple(_class_name(v, class_names) for v in tumour_values),
+            stroma_classes=tuple(_class_name(v, class_names) for v in stroma_values),
             map_mpp=mpp, grid_mpp=grid_mpp, bulk_mm2=float(bulk.sum()) * px_mm2,
-            whole=whole, whole_reason=reason if whole is None else None,
-            hotspot=hot, hotspot_reason=hot_reason, fields=dist, config=config,
-            tsr_map=tsr_map, bulk=bulk)
+            whole=whole, whole_reason=whole_reason, hotspot=hot, hotspot_reason=hot_reason,
+            fields=dist, config=config, tsr_map=tsr_map, bulk=bulk)
 
+    reason = _unmeasurable(labels, tumour_values, stroma_values, tissue=tissue, tumour=tumour)
     if reason is not None:
-        return result(np.zeros(small.shape, bool), None, None, reason,
-                      FieldDistribution(0, 0.0, None, None, None))
+        return result(np.zeros(small.shape, bool), None, reason, None, reason, _no_fields())
 
     # Only centres within a field radius of tumour can be eligible, and the bulk stays within
     # closing + margin of it: work in the tumour's bounding box grown by what these reach.
     radius_px = config.field_diameter_um / 2 / grid_mpp
     closing_px, margin_px = config.bulk_closing_um / grid_mpp, config.bulk_margin_um / grid_mpp
-    pad = int(math.ceil(max(2 * radius_px, closing_px + margin_px))) + 2
-    rows, cols = np.flatnonzero(tumour.any(axis=1)), np.flatnonzero(tumour.any(axis=0))
-    r0, c0 = max(0, int(rows[0]) - pad), max(0, int(cols[0]) - pad)
-    win = (slice(r0, rows[-1] + pad + 1), slice(c0, cols[-1] + pad + 1))
+    win = _tumour_window(tumour, pad=int(math.ceil(max(2 * radius_px, closing_px + margin_px))) + 2)
     tumour, stroma = tumour[win], stroma[win]
-
     bulk = np.zeros(small.shape, bool)
     bulk[win] = tumour_bulk(tumour, tissue[win], closing_px=closing_px, margin_px=margin_px)
     whole = tsr_value(int(tumour.sum()), int((stroma & bulk[win]).sum()), px_mm2)
 
+    t, s, eligible = _eligible_fields(tumour, stroma, bulk[win], radius_px=radius_px,
+                                      config=config)
+    if not eligible.any():
+        return result(bulk, whole, None, None, _no_field_reason(config), _no_fields())
+    s_e, n_e = s[eligible].astype(np.int64), (t + s)[eligible].astype(np.int64)
+    tsr_map[win][eligible] = (200 * s_e + n_e) // (2 * n_e)
+    hot = _hotspot(t, s, eligible, origin=(win[0].start, win[1].start), grid_mpp=grid_mpp,
+                   mpp=mpp, px_mm2=px_mm2, diameter_um=config.field_diameter_um)
+    pct = 100.0 * s_e / n_e
+    dist = FieldDistribution(count=int(eligible.sum()), centres_mm2=float(eligible.sum()) * px_mm2,
+                             min_pct=float(pct.min()), median_pct=float(np.median(pct)),
+                             max_pct=float(pct.max()))
+    return result(bulk, whole, None, hot, None, dist)
+
+
+def _class_name(value: int, class_names: Sequence[str] | None) -> str:
+    return (class_names[value - 1] if class_names and 1 <= value <= len(class_names)
+            else f"value {value}")
+
+
+def _no_fields() -> FieldDistribution:
+    return FieldDistribution(0, 0.0, None, None, None)
+
+
+def _unmeasurable(labels: np.ndarray, tumour_values: Sequence[int], stroma_values: Sequence[int],
+                  *, tissue: np.ndarray, tumour: np.ndarray) -> str | None:
+    """Why no TSR can be measured on this map, or None."""
+    if not labels.size:
+        return "the label map is empty"
+    if not tumour_values:
+        return "the model names no tumour class"
+    if not stroma_values:
+        return "the model names no stroma class"
+    if not tissue.any():
+        return "the map holds no analysed tissue"
+    if not tumour.any():
+        return "no tumour in the map"
+    return None
+
+
+def _tumour_window(tumour: np.ndarray, *, pad: int) -> tuple[slice, slice]:
+    """The bounding box of the tumour grown by ``pad`` pixels, cut to the map."""
+    rows, cols = np.flatnonzero(tumour.any(axis=1)), np.flatnonzero(tumour.any(axis=0))
+    r0, c0 = max(0, int(rows[0]) - pad), max(0, int(cols[0]) - pad)
+    return slice(r0, rows[-1] + pad + 1), slice(c0, cols[-1] + pad + 1)
+
+
+def _eligible_fields(tumour: np.ndarray, stroma: np.ndarray, bulk: np.ndarray, *,
+                     radius_px: float, config: TSRConfig
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tumour pixels, stroma pixels) in the field centred on each pixel, and whether that
+    field is eligible: filled enough, tumour in every sector, centre in the bulk (if asked)."""
     disk, sectors = field_kernels(radius_px, config.sector_inner_radius_fraction)
     t, *sector_t = _correlate(tumour, [disk, *sectors])
     (s,) = _correlate(stroma, [disk])
@@ -278,32 +310,31 @@ def measure_tsr(labels: np.ndarray, *, mpp: float, tumour_values: Sequence[int],
     for st in sector_t:
         eligible &= st >= sector_min
     if config.require_centre_in_bulk:
-        eligible &= bulk[win]
+        eligible &= bulk
+    return t, s, eligible
 
-    if not eligible.any():
-        hot_reason = (f"no {config.field_diameter_um / 1000:g} mm field has tumour on all four "
-                      f"sides (>= {config.min_sector_tumour_fraction:.0%} of each border sector)"
-                      f" and >= {config.min_fill_fraction:.0%} tumour + stroma"
-                      + (" with its centre in the tumour bulk"
-                         if config.require_centre_in_bulk else ""))
-        return result(bulk, whole, None, hot_reason, FieldDistribution(0, 0.0, None, None, None))
 
-    s_e, n_e = s[eligible].astype(np.int64), n[eligible].astype(np.int64)
-    tsr_map[win][eligible] = (200 * s_e + n_e) // (2 * n_e)
+def _no_field_reason(config: TSRConfig) -> str:
+    return (f"no {config.field_diameter_um / 1000:g} mm field has tumour on all four "
+            f"sides (>= {config.min_sector_tumour_fraction:.0%} of each border sector)"
+            f" and >= {config.min_fill_fraction:.0%} tumour + stroma"
+            + (" with its centre in the tumour bulk" if config.require_centre_in_bulk else ""))
+
+
+def _hotspot(t: np.ndarray, s: np.ndarray, eligible: np.ndarray, *, origin: tuple[int, int],
+             grid_mpp: float, mpp: float, px_mm2: float, diameter_um: float) -> Hotspot:
+    """The eligible field with the highest TSR (of those, the fullest); ``origin`` is the
+    grid pixel of the arrays' corner."""
+    n = t + s
     ratio = np.where(eligible, s / np.maximum(n, 1), -1.0)
     best = eligible & (ratio == ratio.max())
     r, c = np.unravel_index(int(np.argmax(np.where(best, n, -1))), n.shape)
     v = tsr_value(int(t[r, c]), int(s[r, c]), px_mm2)
-    r, c = int(r) + r0, int(c) + c0
+    r, c = int(r) + origin[0], int(c) + origin[1]
     row_um, col_um = (r + 0.5) * grid_mpp, (c + 0.5) * grid_mpp
-    hot = Hotspot(**asdict(v), diameter_um=config.field_diameter_um,
-                  centre_row_um=row_um, centre_col_um=col_um, centre_row_px=row_um / mpp,
-                  centre_col_px=col_um / mpp, grid_row=int(r), grid_col=int(c))
-    pct = 100.0 * s_e / n_e
-    dist = FieldDistribution(count=int(eligible.sum()), centres_mm2=float(eligible.sum()) * px_mm2,
-                             min_pct=float(pct.min()), median_pct=float(np.median(pct)),
-                             max_pct=float(pct.max()))
-    return result(bulk, whole, hot, None, dist)
+    return Hotspot(**asdict(v), diameter_um=diameter_um, centre_row_um=row_um,
+                   centre_col_um=col_um, centre_row_px=row_um / mpp, centre_col_px=col_um / mpp,
+                   grid_row=int(r), grid_col=int(c))
 
 
 def measure_tsr_with_contract(labels: np.ndarray, contract: Any, *, mpp: float,

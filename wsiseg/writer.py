@@ -26,7 +26,6 @@ import logging
 import math
 import mmap
 import os
-import secrets
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,7 +35,8 @@ import numpy as np
 import tifffile
 
 from wsiseg import __version__
-from wsiseg.files import owned_name, owned_prefix, remove_stale
+from wsiseg.files import atomic_path
+from wsiseg.labels import add_counts
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,12 @@ def write_pyramid(path: str | os.PathLike, image: Any, *, mpp: float,
     """Write a 2-D uint8 label map as a pyramidal tiled TIFF; return the (h, w) of each level.
 
     ``image`` is anything 2-D with ``shape`` whose row slices ``image[r0:r1]`` give uint8
-    arrays: a numpy array or an ``np.memmap`` larger than RAM. ``mpp`` is microns per pixel of
-    level 0. ``colormap`` lists RGB triplets (0-255) for values 0, 1, ...; it makes the pages
-    palette images. ``description`` is stored as JSON (read it back with
-    :func:`read_description`). Levels halve until the longer side is at most ``min_size_px``
-    (default ``tile_px``, i.e. the last level fits in one tile).
+    arrays: a numpy array, or one larger than RAM in a file (an ``np.memmap``, the pipeline's
+    ``wsiseg.canvas.DiskCanvas``). ``mpp`` is microns per pixel of level 0. ``colormap`` lists
+    RGB triplets (0-255) for values 0, 1, ...; it makes the pages palette images.
+    ``description`` is stored as JSON (read it back with :func:`read_description`). Levels halve
+    until the longer side is at most ``min_size_px`` (default ``tile_px``, i.e. the last level
+    fits in one tile).
     """
     h, w = _check_2d(image, "image")
     _check_options(mpp, tile_px, compression)
@@ -73,7 +74,7 @@ def write_pyramid(path: str | os.PathLike, image: Any, *, mpp: float,
     extra: dict[str, Any] = {}
     if colormap is not None:
         extra = {"photometric": "palette", "colormap": _palette(colormap)}
-    with _atomic(path) as tmp, contextlib.ExitStack() as stack:
+    with atomic_path(path) as tmp, contextlib.ExitStack() as stack:
         bigtiff = sum(a * b for a, b in shapes) >= _BIGTIFF_BYTES
         tw = stack.enter_context(tifffile.TiffWriter(tmp, bigtiff=bigtiff))
         source = image
@@ -107,7 +108,7 @@ def write_stack(path: str | os.PathLike, stack: Any, *, mpp: float,
     if len(names) != shape[0]:
         raise ValueError(f"{len(names)} names given for {shape[0]} channels")
     meta = {"channels": names, **(description or {})}
-    with _atomic(path) as tmp, tifffile.TiffWriter(
+    with atomic_path(path) as tmp, tifffile.TiffWriter(
             tmp, bigtiff=math.prod(shape) >= _BIGTIFF_BYTES) as tw:
         for c, name in enumerate(names):
             tw.write(_tiles(stack[c], shape[1:], tile_px, None), shape=shape[1:],
@@ -238,43 +239,16 @@ def _reduced_level(shape: tuple[int, int], folder: Path, stack: contextlib.ExitS
     return (lambda rows: file.write(np.ascontiguousarray(rows).data)), finish
 
 
-@contextlib.contextmanager
-def _atomic(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the body succeeds."""
-    final = Path(path).absolute()
-    folder = final.parent
-    if not folder.is_dir():
-        if folder.exists():
-            raise NotADirectoryError(f"output folder {folder} is not a folder")
-        raise FileNotFoundError(f"output folder {folder} does not exist")
-    if final.is_dir():
-        raise IsADirectoryError(f"output path {final} is a folder")
-    tag = f".{final.name}.tmp"
-    remove_stale(folder, owned_prefix(tag))
-    # Not mkstemp: its 0600 mode would end up on the final file; os.open honours the umask.
-    tmp = folder / owned_name(tag, secrets.token_hex(4))
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write to output folder {folder} ({e.strerror})") from None
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:  # including KeyboardInterrupt: never leave the temporary file
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def level_shapes(path: str | os.PathLike) -> list[tuple[int, int]]:
     """(h, w) of every page of a map, level 0 first."""
     with tifffile.TiffFile(path) as tif:
         return [tuple(p.shape[:2]) for p in tif.pages]  # type: ignore[misc]
 
 
-def count_values(path: str | os.PathLike, *, n_values: int, level: int = 0) -> np.ndarray:
-    """Pixel count of every value 0..n_values-1 on one level, decoding one tile at a time (so a
-    whole-slide map never has to fit in memory). Tiles are cropped to the image: the padding
-    of edge tiles is not counted."""
+def count_level_values(path: str | os.PathLike, *, n_values: int, level: int = 0) -> np.ndarray:
+    """Pixel count of every value 0..n_values-1 on one level of a map file, decoding one tile at
+    a time (so a whole-slide map never has to fit in memory). Tiles are cropped to the image:
+    the padding of edge tiles is not counted."""
     counts = np.zeros(n_values, np.int64)
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[level]
@@ -285,7 +259,7 @@ def count_values(path: str | os.PathLike, *, n_values: int, level: int = 0) -> n
             r0, c0 = index[-3], index[-2]  # (..., row, col, sample) of the tile's corner
             tile = data.reshape(data.shape[-3], data.shape[-2], -1)[..., 0]
             tile = tile[: max(0, h - r0), : max(0, w - c0)]
-            counts += np.bincount(tile.ravel(), minlength=n_values)[:n_values]
+            add_counts(counts, tile)
     return counts
 
 
@@ -304,7 +278,7 @@ def write_rgb_pyramid(path: str | os.PathLike, rgb: np.ndarray, *, mpp: float,
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"rgb must be [H, W, 3] uint8, got {rgb.shape} {rgb.dtype}")
     _check_options(mpp, tile_px, "zlib")
-    with _atomic(path) as tmp, tifffile.TiffWriter(tmp) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tw:
         level, k = rgb, 0
         while True:
             px_per_cm = 1e4 / (mpp * 2 ** k)
