@@ -64,23 +64,6 @@ def calibration_tiles(cfg: Config, n_images: int, multiple: int, *, colour_copie
     return tiles
 
 
-def _reader(tiles: list[np.ndarray], input_name: str):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.todo = iter(tiles)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            t = next(self.todo, None)
-            return None if t is None else {input_name: t.transpose(2, 0, 1)[None].copy()}
-
-        def rewind(self) -> None:
-            self.todo = iter(tiles)
-
-    return Reader()
-
-
 def _retag(path: Path, source_meta: dict[str, str], precision: str, notes: dict) -> None:
     """Copy the source's contract into ``path`` with ``precision`` and a note in training."""
     import json
@@ -144,30 +127,26 @@ def quantize_int8(model: str | Path, cfg: Config, out: str | Path, *, n_images: 
                   exclude: tuple[str, ...] = (), method: str = "minmax",
                   colour_copies: int = 0) -> dict:
     """Write the static int8 (QDQ, per-channel weights) twin of ``model`` to ``out``."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import onnx
+
+    from wsiseg.engine import CALIBRATION_METHODS, calibration_reader, quantize_static_int8
 
     model, out = Path(model), Path(out)
     meta, contract = _source(model)
     if contract.input != "uint8":
         raise ValueError(f"{model.name}: int8 calibration feeds uint8 tiles; the model takes "
                          f"{contract.input}")
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-    if method not in methods:
-        raise ValueError(f"calibration method must be one of {', '.join(methods)}, got {method!r}")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, "
+                         f"got {method!r}")
     tiles = calibration_tiles(cfg, n_images, contract.size_multiple,
                               colour_copies=colour_copies)
-    import onnx
     input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".wsiseg-q-") as tmp:
-        pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "q.onnx"
-        quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(q), _reader(tiles, input_name),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method], nodes_to_exclude=list(exclude))
+        q = Path(tmp) / "q.onnx"
+        quantize_static_int8(model, q, calibration_reader(tiles, input_name), method=method,
+                             exclude=exclude, workdir=tmp)
         n_real = len(tiles) // (1 + colour_copies)
         copies = f", each with {colour_copies} colour-augmented copies" if colour_copies else ""
         notes = {"calibration": f"{n_real} train-split images of the config's pair sets at "
@@ -183,11 +162,12 @@ def quantize_int8(model: str | Path, cfg: Config, out: str | Path, *, n_images: 
 def convert_fp16(model: str | Path, out: str | Path) -> dict:
     """Write the float16 twin of ``model`` (input and output types kept) to ``out``."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from wsiseg.engine import float16_model
 
     model, out = Path(model), Path(out)
     meta, _ = _source(model)
-    proto = convert_float_to_float16(onnx.load(str(model)), keep_io_types=True)
+    proto = float16_model(onnx.load(str(model)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     onnx.save(proto, str(tmp))
