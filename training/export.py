@@ -25,7 +25,9 @@ from wsiseg.context import ContextParams
 from wsiseg.contract import PAPER_CLASSES, ModelContract, TissueClass, to_metadata
 
 from .border import apply_context
+from .checkpoint import load as load_checkpoint
 from .config import Config
+from .model import model_from_checkpoint
 from .unet import size_multiple
 
 OPSET = 18
@@ -108,9 +110,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, tolerance: float = 1
     (``training/border.py``; the measurement is recorded in the contract's ``training``
     record), else the config's ``model.border_px``."""
     import onnx
-
-    from .checkpoint import load as load_checkpoint
-    from .train import model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     cfg, model = model_from_checkpoint(ckpt)
