@@ -94,6 +94,13 @@ def read_pairs_csv(index: str | Path, *, image_column: str = "image",
     return rows
 
 
+def rescale_rgb(image: np.ndarray, scale: float) -> np.ndarray:
+    """uint8 RGB resized by ``scale`` (bilinear, anti-aliased when shrinking): pair images
+    whose mpp differs from the model's."""
+    return (rescale(image, scale, order=1, channel_axis=-1, preserve_range=True,
+                    anti_aliasing=scale < 1) + 0.5).astype(np.uint8)
+
+
 def load_pair(image_path: Path, mask_path: Path, mapping: Mapping_, row: Mapping[str, str],
               *, scale: float = 1.0, annotation: str = "dense") -> Item:
     image = _rgb(imread(image_path), str(image_path))
@@ -108,8 +115,7 @@ def load_pair(image_path: Path, mask_path: Path, mapping: Mapping_, row: Mapping
     else:
         labels = mapping(mask, row)
     if scale != 1.0:
-        image = (rescale(image, scale, order=1, channel_axis=-1, preserve_range=True,
-                         anti_aliasing=scale < 1) + 0.5).astype(np.uint8)
+        image = rescale_rgb(image, scale)
         labels = rescale(labels, scale, order=0, preserve_range=True,
                          anti_aliasing=False).astype(np.uint8)
     return Item(image_path.name, labels, annotation, image=image)

@@ -17,7 +17,8 @@ from .data import Item
 from .metrics import dice_counts, dice_scores
 
 
-def _pad_to(image: np.ndarray, multiple: int) -> np.ndarray:
+def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """``image`` padded with white at the bottom and right to a multiple of ``multiple``."""
     h, w = image.shape[:2]
     ph, pw = -h % multiple, -w % multiple
     return np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=255)
@@ -43,7 +44,7 @@ def evaluate_onnx(model_path: str | Path, items: list[Item], class_names: list[s
     counts = np.zeros((len(class_names), 3), dtype=np.int64)
     for it in items:
         h, w = it.labels.shape
-        scores = model.run(_pad_to(it.image, contract.size_multiple)[None])[0, :, :h, :w]
+        scores = model.run(pad_to_multiple(it.image, contract.size_multiple)[None])[0, :, :h, :w]
         pred = to_ref[scores.argmax(axis=0)]
         counts += dice_counts(pred, it.labels, len(class_names))
     per, overall = dice_scores(counts)

@@ -22,7 +22,7 @@ import numpy as np
 from wsiseg.contract import PREFIX, from_metadata
 
 from .config import Config, ConfigError
-from .data import read_pairs_csv
+from .data import read_pairs_csv, rescale_rgb
 
 
 def calibration_tiles(cfg: Config, n_images: int, multiple: int, *, colour_copies: int = 0,
@@ -32,7 +32,6 @@ def calibration_tiles(cfg: Config, n_images: int, multiple: int, *, colour_copie
     copies under the config's own colour augmentation (what the model saw in training), so that
     the activation ranges also cover stains unlike the training lab's."""
     from skimage.io import imread
-    from skimage.transform import rescale
 
     from .augment import photometric
 
@@ -55,8 +54,7 @@ def calibration_tiles(cfg: Config, n_images: int, multiple: int, *, colour_copie
         path, scale = rows[i]
         rgb = imread(path)[..., :3]
         if scale != 1.0:
-            rgb = (rescale(rgb, scale, order=1, channel_axis=-1, preserve_range=True,
-                           anti_aliasing=scale < 1) + 0.5).astype(np.uint8)
+            rgb = rescale_rgb(rgb, scale)
         h, w = rgb.shape[0] // multiple * multiple, rgb.shape[1] // multiple * multiple
         if h and w:
             tiles.append(np.ascontiguousarray(rgb[:h, :w]))
