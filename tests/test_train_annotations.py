@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import openslide
 import pytest
 from skimage.io import imsave
 from skimage.transform import resize
@@ -104,9 +105,11 @@ def test_slide_with_annotations_is_read_at_model_mpp(slide, tmp_path):
         img, lab = extract(item, 560, 500, 64)  # tissue in the middle of the region
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8 and lab.all()
         assert img.std() > 5                      # real tissue, not blank
-        # same pixels as a level-0 read downscaled by hand
-        l0 = np.asarray(item.slide.read_region((round(468 / 0.499), round(528 / 0.499)), 0,
-                                               (129, 129)))[..., :3].astype(float)
+        # same pixels as a level-0 read (OpenSlide itself, not the reader) downscaled by hand:
+        # the 64 px patch spans 64 / 0.499 = 128.3 level-0 px
+        with openslide.OpenSlide(str(slide)) as osr:
+            l0 = np.asarray(osr.read_region((round(468 / 0.499), round(528 / 0.499)), 0,
+                                            (128, 128)))[..., :3].astype(float)
         ref = resize(l0, (64, 64), order=1, preserve_range=True, anti_aliasing=True)
         assert np.abs(img - ref).mean() < 6
         # outside the slide: white, unannotated

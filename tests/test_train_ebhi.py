@@ -11,8 +11,9 @@ ort = pytest.importorskip("onnxruntime")
 
 from click.testing import CliRunner  # noqa: E402
 from train_helpers import EBHI_INDEX  # noqa: E402
+from wsiseg_train.checkpoint import load as load_checkpoint  # noqa: E402
 from wsiseg_train.cli import main  # noqa: E402
-from wsiseg_train.train import load_checkpoint, model_from_checkpoint  # noqa: E402
+from wsiseg_train.model import model_from_checkpoint  # noqa: E402
 
 from wsiseg.contract import from_metadata  # noqa: E402
 

@@ -26,6 +26,7 @@ from wsiseg.engine import load_model
 from wsiseg.qc import ConfidenceTally, stain_lab, u8_below
 
 from .data import Item
+from .evaluate import pad_to_multiple
 from .onnx_meta import save_with_metadata
 
 MIN_STAIN_WARN = 2.0
@@ -41,11 +42,6 @@ def stain_reference(items: list[Item]) -> tuple[np.ndarray, np.ndarray]:
     return means.mean(axis=0), np.maximum(means.std(axis=0), 1.0)
 
 
-def _pad(image: np.ndarray, multiple: int) -> np.ndarray:
-    h, w = image.shape[:2]
-    return np.pad(image, ((0, -h % multiple), (0, -w % multiple), (0, 0)), constant_values=255)
-
-
 def confidence_figures(model_path: str | Path, items: list[Item]) -> dict[str, float]:
     """Low-confidence threshold (the LOW_CONFIDENCE_QUANTILE of the top class probability of
     validation tissue pixels, as the engine decides it), its share and the warning share."""
@@ -55,7 +51,7 @@ def confidence_figures(model_path: str | Path, items: list[Item]) -> dict[str, f
     per_crop = []
     for it in items:
         h, w = it.image.shape[:2]
-        pred = model.predict(_pad(it.image, c.size_multiple)[None])
+        pred = model.predict(pad_to_multiple(it.image, c.size_multiple)[None])
         labels, top = pred.labels[0, :h, :w] + 1, pred.top[0, :h, :w]
         tally.add(top, labels, background=c.background_value)
         per_crop.append(top[labels != c.background_value] if c.background_value else top.ravel())

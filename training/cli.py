@@ -94,9 +94,9 @@ def export(run: Path, output: Path, no_context: bool, int8: bool) -> None:
     click.echo(json.dumps({**{k: report[k] for k in ("path", "opset", "exporter",
                                                      "max_abs_diff")}, "border_px": border}))
     if int8:
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load as load_checkpoint
+        from .model import model_from_checkpoint
         from .quantgate import make_int8_twin
-        from .train import model_from_checkpoint
 
         cfg, _ = _run(model_from_checkpoint, _run(load_checkpoint, run))
         _report_twin(_run(make_int8_twin, output, cfg))

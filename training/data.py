@@ -18,15 +18,22 @@ import csv
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from skimage.io import imread
-from skimage.transform import rescale, resize
+from skimage.transform import rescale
 
 from .annotations import rasterize, read_annotations
 
+if TYPE_CHECKING:
+    from wsiseg.slide import ReadPlan, Slide
+
 Mapping_ = Callable[[np.ndarray, Mapping[str, str]], np.ndarray]
+# Slides are read on the engine's grid for the model mpp itself: a level or block mean is used
+# as is only when it lands on that grid (up to float rounding), else the engine resamples. The
+# labels are rasterised on the same grid.
+GRID_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -35,8 +42,8 @@ class Item:
     labels: np.ndarray                   # [rows, cols] uint8 at the model mpp
     annotation: str = "dense"            # dense | sparse
     image: np.ndarray | None = None      # [rows, cols, 3] uint8 at the model mpp (pairs)
-    slide: Any = None                    # openslide.OpenSlide (slides)
-    l0_per_px: float = 1.0               # level-0 slide pixels per model pixel
+    slide: Slide | None = None           # the open slide (slides)
+    plan: ReadPlan | None = None         # how the slide is read at the model mpp (slides)
 
 
 def threshold_mapping(threshold: int, foreground: str | Callable[[Mapping[str, str]], int],
@@ -87,6 +94,13 @@ def read_pairs_csv(index: str | Path, *, image_column: str = "image",
     return rows
 
 
+def rescale_rgb(image: np.ndarray, scale: float) -> np.ndarray:
+    """uint8 RGB resized by ``scale`` (bilinear, anti-aliased when shrinking): pair images
+    whose mpp differs from the model's."""
+    return (rescale(image, scale, order=1, channel_axis=-1, preserve_range=True,
+                    anti_aliasing=scale < 1) + 0.5).astype(np.uint8)
+
+
 def load_pair(image_path: Path, mask_path: Path, mapping: Mapping_, row: Mapping[str, str],
               *, scale: float = 1.0, annotation: str = "dense") -> Item:
     image = _rgb(imread(image_path), str(image_path))
@@ -101,8 +115,7 @@ def load_pair(image_path: Path, mask_path: Path, mapping: Mapping_, row: Mapping
     else:
         labels = mapping(mask, row)
     if scale != 1.0:
-        image = (rescale(image, scale, order=1, channel_axis=-1, preserve_range=True,
-                         anti_aliasing=scale < 1) + 0.5).astype(np.uint8)
+        image = rescale_rgb(image, scale)
         labels = rescale(labels, scale, order=0, preserve_range=True,
                          anti_aliasing=False).astype(np.uint8)
     return Item(image_path.name, labels, annotation, image=image)
@@ -124,20 +137,12 @@ def load_pairs(index: str | Path, mapping: Mapping_, *, split: str | None = None
                       scale=scale, annotation=annotation) for r in rows]
 
 
-def slide_mpp(slide: Any, override: float | None, name: str) -> float:
-    if override:
-        return float(override)
-    try:
-        return float(slide.properties["openslide.mpp-x"])
-    except (KeyError, ValueError):
-        raise ValueError(f"slide {name} has no mpp (openslide.mpp-x); give slide_mpp in its "
-                         "item of the config") from None
-
-
 def read_region(item: Item, row: int, col: int, size: int) -> np.ndarray:
     """RGB ``[size, size, 3]`` uint8 of ``item`` at the model mpp, top-left (row, col).
 
-    Outside the image: white (as unscanned glass), transparent slide pixels likewise.
+    Image pairs: white outside the image. Slides: read by the engine's reader
+    (:meth:`wsiseg.slide.Slide.read`), so outside the slide and its transparent pixels are the
+    slide's background colour, as in inference.
     """
     if item.image is not None:
         out = np.full((size, size, 3), 255, dtype=np.uint8)
@@ -146,17 +151,7 @@ def read_region(item: Item, row: int, col: int, size: int) -> np.ndarray:
         if r1 > r0 and c1 > c0:
             out[r0 - row:r1 - row, c0 - col:c1 - col] = item.image[r0:r1, c0:c1]
         return out
-    f = item.l0_per_px
-    level = item.slide.get_best_level_for_downsample(f)
-    ds = item.slide.level_downsamples[level]
-    n = int(np.ceil(size * f / ds))
-    rgba = np.asarray(item.slide.read_region((int(round(col * f)), int(round(row * f))),
-                                             level, (n, n)), dtype=np.float32)
-    alpha = rgba[..., 3:] / 255.0
-    rgb = rgba[..., :3] * alpha + 255.0 * (1 - alpha)
-    if n != size:
-        rgb = resize(rgb, (size, size), order=1, preserve_range=True, anti_aliasing=n > size)
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    return item.slide.read(item.plan, row, col, size, size)[0]
 
 
 def _resample_labels(raster: np.ndarray, shape: tuple[int, int], factor: float) -> np.ndarray:
@@ -184,36 +179,61 @@ class TrainingData:
         self.close()
 
 
+def open_slide(path: Path, override: float | None) -> Slide:
+    """The slide at ``path`` through the engine's reader; its mpp from the slide's own
+    metadata (OpenSlide's, vendor or TIFF keys) unless the config gives ``slide_mpp``."""
+    from wsiseg.slide import MppMissing, Slide  # only slides need it
+
+    if not path.exists():
+        raise FileNotFoundError(f"slide {path} not found")
+    try:
+        return Slide(path, mpp=override or None)
+    except MppMissing:
+        raise ValueError(f"slide {path.name} does not record its pixel size; give slide_mpp "
+                         "(microns per pixel at level 0) in its item of the config") from None
+
+
+def _fit(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``labels`` cropped or padded (with 0, unannotated) to ``shape``."""
+    out = np.zeros(shape, dtype=np.uint8)
+    h, w = min(shape[0], labels.shape[0]), min(shape[1], labels.shape[1])
+    out[:h, :w] = labels[:h, :w]
+    return out
+
+
 def load_slide_item(item: Mapping[str, Any], *, model_mpp: float, annotation: str,
                     values: Mapping[int, int] | None = None,
                     class_map: Mapping[str, int | None] | None = None) -> Item:
-    """One slide with a label raster (``labels``) or polygon annotations (``annotations``)."""
-    import openslide  # only slides need it; pairs-only runs do not open any slide
+    """One slide with a label raster (``labels``) or polygon annotations (``annotations``).
 
+    Pixels and labels share one grid: the engine's read plan for the model mpp itself
+    (``GRID_TOLERANCE``), so that the labels are at the model mpp."""
     path = Path(item["slide"])
-    if not path.is_file():
-        raise FileNotFoundError(f"slide {path} not found")
-    slide = openslide.OpenSlide(str(path))
-    mpp = slide_mpp(slide, item.get("slide_mpp"), path.name)
-    f = model_mpp / mpp
-    l0_w, l0_h = slide.dimensions
-    shape = (max(1, int(round(l0_h / f))), max(1, int(round(l0_w / f))))
-    if "annotations" in item:
-        labels = rasterize(read_annotations(item["annotations"]), class_map or {}, (l0_w, l0_h),
-                           1.0 / f, source=Path(item["annotations"]).name)
-    elif "labels" in item:
-        if not item.get("labels_mpp"):
+    slide = open_slide(path, item.get("slide_mpp"))
+    try:
+        if "annotations" not in item and "labels" not in item:
+            raise ValueError(f"{path.name}: a slide item needs 'labels' (a label raster) or "
+                             "'annotations' (GeoJSON / ASAP XML)")
+        if "annotations" not in item and not item.get("labels_mpp"):
             raise ValueError(f"{path.name}: give labels_mpp (microns per pixel of the label "
                              "raster) in its item of the config")
-        raster = imread(item["labels"])
-        raster = raster if raster.ndim == 2 else raster[..., 0]
-        if values:
-            lut = np.zeros(256, dtype=np.uint8)
-            for k, v in values.items():
-                lut[int(k)] = v
-            raster = lut[raster]
-        labels = _resample_labels(raster, shape, model_mpp / float(item["labels_mpp"]))
-    else:
-        raise ValueError(f"{path.name}: a slide item needs 'labels' (a label raster) or "
-                         "'annotations' (GeoJSON / ASAP XML)")
-    return Item(path.name, labels.astype(np.uint8), annotation, slide=slide, l0_per_px=f)
+        plan = slide.plan(model_mpp, tolerance=GRID_TOLERANCE)
+        if "annotations" in item:
+            labels = rasterize(read_annotations(item["annotations"]), class_map or {},
+                               slide.info.l0_size, slide.info.mpp / plan.mpp,
+                               source=Path(item["annotations"]).name)
+            labels = _fit(labels, plan.out_shape)
+        else:
+            raster = imread(item["labels"])
+            raster = raster if raster.ndim == 2 else raster[..., 0]
+            if values:
+                lut = np.zeros(256, dtype=np.uint8)
+                for k, v in values.items():
+                    lut[int(k)] = v
+                raster = lut[raster]
+            labels = _resample_labels(raster, plan.out_shape,
+                                      plan.mpp / float(item["labels_mpp"]))
+    except BaseException:
+        slide.close()
+        raise
+    return Item(path.name, labels.astype(np.uint8), annotation, slide=slide, plan=plan)

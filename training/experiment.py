@@ -12,8 +12,9 @@ that grid on EBHI-Seg with the labels of :mod:`training.ebhi`:
   patches drawn 4:1 sparse:dense (``data.sparse_dense_ratio``);
 - every setting is trained with each weighting and each seed by the ordinary training loop
   (:func:`training.train.train`), and its best checkpoint (by validation Dice on patches) is
-  scored on the whole validation crops with dense derived labels: per-class Dice and overall
-  Dice (mean over the classes present).
+  exported and scored through the engine (:func:`training.evaluate.evaluate_onnx`) on the whole
+  validation crops with dense derived labels: per-class Dice and overall Dice (mean over the
+  classes present).
 
 The config is a training config plus an ``[experiment]`` table (see
 ``training/configs/experiment.toml``). Results go to ``<out>/results.json`` (one record per
@@ -28,6 +29,7 @@ import json
 import logging
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,33 +154,23 @@ def setting_config(cfg: Config, exp: ExperimentSection, annotation: str, weighti
 
 
 def score(checkpoint: Path, cfg: Config) -> dict[str, Any]:
-    """Per-class and overall Dice of a checkpoint on the whole validation crops (dense labels)."""
-    import torch
-
-    from .checkpoint import load as load_checkpoint
+    """Per-class and overall Dice of a checkpoint on the whole validation crops (dense labels):
+    its ONNX export (a temporary file) scored by :func:`.evaluate.evaluate_onnx`, through the
+    engine as in inference."""
     from .data import load_pairs
-    from .metrics import dice_counts, dice_scores
+    from .evaluate import evaluate_onnx
+    from .export import export_onnx
     from .sets import class_values, pair_mapping
-    from .train import model_from_checkpoint
 
-    _, model = model_from_checkpoint(load_checkpoint(checkpoint))
-    model.eval()
-    items = [it for s in cfg.data.sets
-             for it in load_pairs(s.index, pair_mapping(s, class_values(cfg)), split="val",
-                                  split_column=s.split_column, image_column=s.image_column,
-                                  mask_column=s.mask_column)]
-    n = len(cfg.model.classes)
-    counts = np.zeros((n, 3), dtype=np.int64)
-    m = 2 ** (cfg.model.depth - 1)
-    with torch.no_grad():
-        for it in items:
-            h, w = it.labels.shape
-            x = np.pad(it.image, ((0, -h % m), (0, -w % m), (0, 0)), constant_values=255)
-            logits = model(torch.from_numpy(x.transpose(2, 0, 1)[None].copy()))
-            pred = logits[0, :, :h, :w].argmax(dim=0).numpy() + 1
-            counts += dice_counts(pred, it.labels, n)
-    per, overall = dice_scores(counts)
-    return {"dice": dict(zip(cfg.model.classes, per)), "overall": overall, "images": len(items)}
+    with tempfile.TemporaryDirectory(prefix="wsiseg-score-") as tmp:
+        model = Path(tmp) / "model.onnx"
+        export_onnx(checkpoint, model, context=False)
+        items = [it for s in cfg.data.sets
+                 for it in load_pairs(s.index, pair_mapping(s, class_values(cfg)), split="val",
+                                      split_column=s.split_column, image_column=s.image_column,
+                                      mask_column=s.mask_column)]
+        result = evaluate_onnx(model, items, list(cfg.model.classes))
+    return {"dice": result["dice"], "overall": result["overall_dice"], "images": result["images"]}
 
 
 def run_experiment(cfg: Config, exp: ExperimentSection, out: str | Path) -> list[dict[str, Any]]:

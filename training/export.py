@@ -5,8 +5,9 @@ happen inside) and gives ``logits`` float32 ``[N, C, H, W]``; N, H and W are dyn
 must be multiples of ``size_multiple``). The exporter is torch's TorchScript-based one
 (``dynamo=False``, opset 18, ``dynamic_axes``): the dynamo exporter needs the onnxscript package,
 which the training extra does not install. Every export is checked with ``onnx.checker`` and
-run with ONNX Runtime against torch on random input of two sizes; the largest absolute
-difference of the logits is reported and must stay below ``tolerance``.
+run through the engine (``wsiseg.engine``, as inference runs it) against torch on random input
+of two sizes; the largest absolute difference of the logits is reported and must stay below
+``tolerance``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from wsiseg.context import ContextParams
 from wsiseg.contract import PAPER_CLASSES, ModelContract, TissueClass, to_metadata
 
 from .border import apply_context
+from .checkpoint import load as load_checkpoint
 from .config import Config
+from .model import model_from_checkpoint
 from .unet import size_multiple
 
 OPSET = 18
@@ -78,17 +81,21 @@ def make_contract(cfg: Config, training: dict[str, Any]) -> ModelContract:
 
 def parity(model: torch.nn.Module, path: Path, sizes: list[tuple[int, int, int]],
            seed: int = 0) -> float:
-    """Largest |ORT - torch| over random uint8 inputs of the given (N, H, W) sizes."""
-    import onnxruntime as ort
+    """Largest |engine - torch| over random uint8 inputs of the given (N, H, W) sizes; the
+    exported file runs through :func:`wsiseg.engine.load_model` (CPU), as in inference."""
+    from wsiseg.engine import ModelError, load_model
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        engine = load_model(path, device="cpu", head="host")
+    except ModelError as e:
+        raise ExportError(f"the exported model fails the engine's checks: {e}") from None
     rng = np.random.default_rng(seed)
     worst = 0.0
     for n, h, w in sizes:
         x = rng.integers(0, 256, size=(n, 3, h, w), dtype=np.uint8)
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
-        got = session.run(["logits"], {"image": x})[0]
+        got = engine.run(x.transpose(0, 2, 3, 1))
         if got.shape != ref.shape:
             raise ExportError(f"ONNX output {got.shape} differs from torch {ref.shape}")
         worst = max(worst, float(np.abs(got - ref).max()))
@@ -103,9 +110,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, tolerance: float = 1
     (``training/border.py``; the measurement is recorded in the contract's ``training``
     record), else the config's ``model.border_px``."""
     import onnx
-
-    from .checkpoint import load as load_checkpoint
-    from .train import model_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     cfg, model = model_from_checkpoint(ckpt)

@@ -22,7 +22,7 @@ import numpy as np
 from wsiseg.contract import PREFIX, from_metadata
 
 from .config import Config, ConfigError
-from .data import read_pairs_csv
+from .data import read_pairs_csv, rescale_rgb
 
 
 def calibration_tiles(cfg: Config, n_images: int, multiple: int, *, colour_copies: int = 0,
@@ -32,7 +32,6 @@ def calibration_tiles(cfg: Config, n_images: int, multiple: int, *, colour_copie
     copies under the config's own colour augmentation (what the model saw in training), so that
     the activation ranges also cover stains unlike the training lab's."""
     from skimage.io import imread
-    from skimage.transform import rescale
 
     from .augment import photometric
 
@@ -55,30 +54,12 @@ def calibration_tiles(cfg: Config, n_images: int, multiple: int, *, colour_copie
         path, scale = rows[i]
         rgb = imread(path)[..., :3]
         if scale != 1.0:
-            rgb = (rescale(rgb, scale, order=1, channel_axis=-1, preserve_range=True,
-                           anti_aliasing=scale < 1) + 0.5).astype(np.uint8)
+            rgb = rescale_rgb(rgb, scale)
         h, w = rgb.shape[0] // multiple * multiple, rgb.shape[1] // multiple * multiple
         if h and w:
             tiles.append(np.ascontiguousarray(rgb[:h, :w]))
             tiles += [photometric(tiles[-1], cfg.augment, rng) for _ in range(colour_copies)]
     return tiles
-
-
-def _reader(tiles: list[np.ndarray], input_name: str):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.todo = iter(tiles)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            t = next(self.todo, None)
-            return None if t is None else {input_name: t.transpose(2, 0, 1)[None].copy()}
-
-        def rewind(self) -> None:
-            self.todo = iter(tiles)
-
-    return Reader()
 
 
 def _retag(path: Path, source_meta: dict[str, str], precision: str, notes: dict) -> None:
@@ -144,30 +125,26 @@ def quantize_int8(model: str | Path, cfg: Config, out: str | Path, *, n_images: 
                   exclude: tuple[str, ...] = (), method: str = "minmax",
                   colour_copies: int = 0) -> dict:
     """Write the static int8 (QDQ, per-channel weights) twin of ``model`` to ``out``."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import onnx
+
+    from wsiseg.engine import CALIBRATION_METHODS, calibration_reader, quantize_static_int8
 
     model, out = Path(model), Path(out)
     meta, contract = _source(model)
     if contract.input != "uint8":
         raise ValueError(f"{model.name}: int8 calibration feeds uint8 tiles; the model takes "
                          f"{contract.input}")
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-    if method not in methods:
-        raise ValueError(f"calibration method must be one of {', '.join(methods)}, got {method!r}")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, "
+                         f"got {method!r}")
     tiles = calibration_tiles(cfg, n_images, contract.size_multiple,
                               colour_copies=colour_copies)
-    import onnx
     input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".wsiseg-q-") as tmp:
-        pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "q.onnx"
-        quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(q), _reader(tiles, input_name),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method], nodes_to_exclude=list(exclude))
+        q = Path(tmp) / "q.onnx"
+        quantize_static_int8(model, q, calibration_reader(tiles, input_name), method=method,
+                             exclude=exclude, workdir=tmp)
         n_real = len(tiles) // (1 + colour_copies)
         copies = f", each with {colour_copies} colour-augmented copies" if colour_copies else ""
         notes = {"calibration": f"{n_real} train-split images of the config's pair sets at "
@@ -183,11 +160,12 @@ def quantize_int8(model: str | Path, cfg: Config, out: str | Path, *, n_images: 
 def convert_fp16(model: str | Path, out: str | Path) -> dict:
     """Write the float16 twin of ``model`` (input and output types kept) to ``out``."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from wsiseg.engine import float16_model
 
     model, out = Path(model), Path(out)
     meta, _ = _source(model)
-    proto = convert_float_to_float16(onnx.load(str(model)), keep_io_types=True)
+    proto = float16_model(onnx.load(str(model)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     onnx.save(proto, str(tmp))

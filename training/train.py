@@ -10,7 +10,6 @@ and are read without unpickling code (:mod:`.checkpoint`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -24,27 +23,18 @@ from .checkpoint import FORMAT, CheckpointError
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save as save_checkpoint
 from .config import Config, config_from_saved, to_dict
+from .data import Item
 from .init import freeze_norm_statistics, load_onnx_weights
 from .losses import sparse_loss
 from .metrics import dice_counts, dice_scores, write_log
+from .model import load_weights, make_model
 from .sampling import Sampler, validation_set
 from .sets import build_data, class_values
-from .unet import UNetConfig, build_model, count_parameters
+from .unet import count_parameters
 
 log = logging.getLogger(__name__)
 RESUMABLE_KEYS = (("train", "epochs"), ("train", "export"), ("train", "device"),
                   ("train", "threads"))
-
-
-def unet_config(cfg: Config) -> UNetConfig:
-    m = cfg.model
-    return UNetConfig(n_classes=len(m.classes), width=m.width, depth=m.depth, norm=m.norm,
-                      in_channels=1 if m.colour == "grey" else 3)
-
-
-def make_model(cfg: Config) -> torch.nn.Module:
-    return build_model(unet_config(cfg), mean=cfg.model.mean, std=cfg.model.std,
-                       colour=cfg.model.colour)
 
 
 def select_device(name: str) -> torch.device:
@@ -54,24 +44,6 @@ def select_device(name: str) -> torch.device:
         raise ValueError("train.device = \"cuda\" but no CUDA GPU is visible; use \"cpu\" or "
                          "\"auto\"")
     return torch.device(name)
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Config, torch.nn.Module]:
-    cfg = config_from_saved(ckpt["config"])
-    model = make_model(cfg)
-    load_weights(model, ckpt["model"], cfg)
-    return cfg, model
-
-
-def load_weights(model: torch.nn.Module, state: dict[str, Any], cfg: Config) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        u = unet_config(cfg)
-        raise CheckpointError(
-            f"the checkpoint's weights do not fit a U-Net of width {u.width}, depth {u.depth}, "
-            f"norm {u.norm}, {u.n_classes} classes; use the [model] section it was trained "
-            "with, or start a new run folder") from None
 
 
 def start_from(model: torch.nn.Module, cfg: Config) -> None:
@@ -122,16 +94,10 @@ def validate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cfg
     return {"val_loss": float(np.mean(losses)), "val_dice": overall, "per_class": per}
 
 
-def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    """Train (or resume) a run; returns the final loop state (best Dice, epochs, history)."""
-    run_dir = Path(run_dir)
-    device = select_device(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    model = make_model(cfg).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    rng = np.random.default_rng(cfg.train.seed)
+def _restore(run_dir: Path, cfg: Config, resume: bool, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, rng: np.random.Generator) -> dict[str, Any]:
+    """The loop state to start from: ``last.pt`` on resume (weights, optimiser, random states),
+    else a fresh state, the model starting from ``train.init`` if given."""
     state: dict[str, Any] = {"epoch": 0, "lr": cfg.train.lr, "best_dice": -math.inf,
                              "best_epoch": 0, "since_gain": 0, "history": []}
     if resume:
@@ -148,72 +114,115 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
                               "choose another run folder")
     elif cfg.train.init:
         start_from(model, cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    names = list(cfg.model.classes)
+    return state
+
+
+def make_sampler(cfg: Config, items: list[Item]) -> Sampler:
+    """Training batches; the sampler's class index gets its own generator so that it is
+    identical on resume."""
     values = class_values(cfg)
+    return Sampler(items, patch_px=cfg.data.patch_px,
+                   jitter_px=(cfg.data.jitter_px if cfg.data.jitter_px >= 0
+                              else cfg.data.patch_px // 4),
+                   sparse_dense_ratio=cfg.data.sparse_dense_ratio,
+                   class_weights={values[k]: w for k, w in cfg.data.class_weights.items()},
+                   augment_cfg=cfg.augment, rng=np.random.default_rng(cfg.train.seed + 1),
+                   mosaic_p=cfg.data.mosaic_p, island_p=cfg.data.island_p,
+                   island_px=cfg.data.island_px,
+                   background=values[cfg.model.background] if cfg.model.background else 0)
+
+
+def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler,
+                rng: np.random.Generator, cfg: Config, device: torch.device) -> list[float]:
+    """``train.iterations`` optimiser steps; returns their losses."""
+    model.train()
+    if cfg.train.freeze_norm:
+        freeze_norm_statistics(model)
     amp = device.type == "cuda" and cfg.train.amp
+    losses = []
+    for _ in range(cfg.train.iterations):
+        images, labels = sampler.batch(cfg.train.batch_size, rng)
+        x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = sparse_loss(logits.float(), y, cfg.train.weighting)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def schedule(state: dict[str, Any], val_dice: float, cfg: Config,
+             optimizer: torch.optim.Optimizer) -> bool:
+    """Keep the best model by validation Dice; halve the learning rate after lr_patience epochs
+    without a gain (the paper's schedule). Returns whether this epoch gained."""
+    gained = math.isfinite(val_dice) and val_dice > state["best_dice"]
+    if gained:
+        state.update(best_dice=val_dice, best_epoch=state["epoch"], since_gain=0)
+    else:
+        state["since_gain"] += 1
+        if state["since_gain"] >= cfg.train.lr_patience:
+            state["lr"] *= cfg.train.lr_factor
+            state["since_gain"] = 0
+            for g in optimizer.param_groups:
+                g["lr"] = state["lr"]
+    return gained
+
+
+def epoch_record(state: dict[str, Any], cfg: Config, losses: list[float], val: dict[str, Any],
+                 seconds: float) -> dict[str, Any]:
+    return {"epoch": state["epoch"], "iterations": state["epoch"] * cfg.train.iterations,
+            "lr": state["lr"], "train_loss": float(np.mean(losses)),
+            "val_loss": val["val_loss"], "val_dice": val["val_dice"],
+            **{f"dice_{n}": d for n, d in zip(cfg.model.classes, val["per_class"])},
+            "seconds": seconds, "it_per_s": cfg.train.iterations / seconds}
+
+
+def save_epoch(run_dir: Path, cfg: Config, model: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, state: dict[str, Any],
+               rng: np.random.Generator, gained: bool) -> None:
+    """``last.pt`` (and ``best.pt`` when the epoch gained) through :mod:`.checkpoint`, and the
+    metrics log."""
+    payload = {"format": FORMAT, "config": to_dict(cfg), "model": model.state_dict(),
+               "optimizer": optimizer.state_dict(), "state": state,
+               "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+               "n_params": count_parameters(model)}
+    if gained:
+        save_checkpoint(run_dir / "best.pt", payload)
+    save_checkpoint(run_dir / "last.pt", payload)
+    write_log(run_dir, state["history"])
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) a run; returns the final loop state (best Dice, epochs, history)."""
+    run_dir = Path(run_dir)
+    device = select_device(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model = make_model(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    rng = np.random.default_rng(cfg.train.seed)
+    state = _restore(run_dir, cfg, resume, model, optimizer, rng)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     with build_data(cfg) as data:
-        # The sampler's class index gets its own generator so that it is identical on resume.
-        sampler = Sampler(data.train, patch_px=cfg.data.patch_px,
-                          jitter_px=(cfg.data.jitter_px if cfg.data.jitter_px >= 0
-                                     else cfg.data.patch_px // 4),
-                          sparse_dense_ratio=cfg.data.sparse_dense_ratio,
-                          class_weights={values[k]: w for k, w in cfg.data.class_weights.items()},
-                          augment_cfg=cfg.augment, rng=np.random.default_rng(cfg.train.seed + 1),
-                          mosaic_p=cfg.data.mosaic_p, island_p=cfg.data.island_p,
-                          island_px=cfg.data.island_px,
-                          background=values[cfg.model.background] if cfg.model.background else 0)
+        sampler = make_sampler(cfg, data.train)
         val_x, val_y = validation_set(data.val, patch_px=cfg.data.patch_px,
                                       n_patches=cfg.data.val_patches, seed=cfg.train.seed + 2)
         log.info("%d train / %d val items, %d val patches, %s parameters, device %s",
                  len(data.train), len(data.val), len(val_x), f"{count_parameters(model):,}", device)
-
         while state["epoch"] < cfg.train.epochs:
-            model.train()
-            if cfg.train.freeze_norm:
-                freeze_norm_statistics(model)
-            t0, losses = time.perf_counter(), []
-            for _ in range(cfg.train.iterations):
-                images, labels = sampler.batch(cfg.train.batch_size, rng)
-                x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = model(x)
-                loss = sparse_loss(logits.float(), y, cfg.train.weighting)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
+            t0 = time.perf_counter()
+            losses = train_epoch(model, optimizer, sampler, rng, cfg, device)
             seconds = time.perf_counter() - t0
             val = validate(model, val_x, val_y, cfg, device, cfg.train.batch_size)
             state["epoch"] += 1
-
-            # Keep the best model by validation Dice; halve the learning rate after
-            # lr_patience epochs without a gain (the paper's schedule).
-            gained = math.isfinite(val["val_dice"]) and val["val_dice"] > state["best_dice"]
-            if gained:
-                state.update(best_dice=val["val_dice"], best_epoch=state["epoch"], since_gain=0)
-            else:
-                state["since_gain"] += 1
-                if state["since_gain"] >= cfg.train.lr_patience:
-                    state["lr"] *= cfg.train.lr_factor
-                    state["since_gain"] = 0
-                    for g in optimizer.param_groups:
-                        g["lr"] = state["lr"]
-            record = {"epoch": state["epoch"], "iterations": state["epoch"] * cfg.train.iterations,
-                      "lr": state["lr"], "train_loss": float(np.mean(losses)),
-                      "val_loss": val["val_loss"], "val_dice": val["val_dice"],
-                      **{f"dice_{n}": d for n, d in zip(names, val["per_class"])},
-                      "seconds": seconds, "it_per_s": cfg.train.iterations / seconds}
+            gained = schedule(state, val["val_dice"], cfg, optimizer)
+            record = epoch_record(state, cfg, losses, val, seconds)
             state["history"].append(record)
-            payload = {"format": FORMAT, "config": to_dict(cfg), "model": model.state_dict(),
-                       "optimizer": optimizer.state_dict(), "state": state,
-                       "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
-                       "n_params": count_parameters(model)}
-            if gained:
-                save_checkpoint(run_dir / "best.pt", payload)
-            save_checkpoint(run_dir / "last.pt", payload)
-            write_log(run_dir, state["history"])
+            save_epoch(run_dir, cfg, model, optimizer, state, rng, gained)
             log.info("epoch %d  loss %.4f  val loss %.4f  val Dice %.3f  lr %.2g  %.2f it/s",
                      state["epoch"], record["train_loss"], record["val_loss"], record["val_dice"],
                      state["lr"], record["it_per_s"])
@@ -224,8 +233,3 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
         log.info("exported %s (ONNX Runtime vs torch max abs diff %.2g)", report["path"],
                  report["max_abs_diff"])
     return state
-
-
-def with_overrides(cfg: Config, **train_keys: Any) -> Config:
-    """A copy of ``cfg`` with some ``[train]`` keys replaced (used by tests and the CLI)."""
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_keys))

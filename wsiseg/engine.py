@@ -10,10 +10,10 @@ import contextlib
 import ctypes
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -282,6 +282,58 @@ def check_tile_px(model: Model, tile_px: int) -> None:
         hint = max(c.tile_px, 1024 // c.size_multiple * c.size_multiple)
         raise ModelError(f"tile size {tile_px} px does not fit this model: it must be a multiple "
                          f"of {c.size_multiple} and larger than {2 * c.border_px}; try {hint}")
+
+
+# -- low-precision twins (training/quantize.py): ONNX Runtime's quantisation tools, which need
+# the onnx package; imported on first use, never by inference.
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def calibration_reader(tiles: Sequence[np.ndarray], input_name: str) -> Any:
+    """ONNX Runtime calibration data reader feeding uint8 RGB tiles (H, W, 3), one per run, as
+    ``[1, 3, H, W]`` to ``input_name``; rewindable."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.todo = iter(tiles)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            t = next(self.todo, None)
+            return None if t is None else {input_name: t.transpose(2, 0, 1)[None].copy()}
+
+        def rewind(self) -> None:
+            self.todo = iter(tiles)
+
+    return Reader()
+
+
+def quantize_static_int8(src: str | Path, out: str | Path, reader: Any, *, method: str,
+                         exclude: Sequence[str] = (), workdir: str | Path) -> None:
+    """ONNX Runtime's static quantiser: ``src`` pre-processed (in ``workdir``), then written to
+    ``out`` as QDQ with per-channel int8 weights and uint8 activations, calibrated with
+    ``reader`` (:func:`calibration_reader`) by ``method``; nodes in ``exclude`` stay fp32."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = dict(zip(CALIBRATION_METHODS, (CalibrationMethod.MinMax,
+                                             CalibrationMethod.Percentile,
+                                             CalibrationMethod.Entropy)))
+    if method not in methods:
+        raise ValueError(f"calibration method must be one of {', '.join(methods)}, got {method!r}")
+    pre = Path(workdir) / "pre.onnx"
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=methods[method], nodes_to_exclude=list(exclude))
+
+
+def float16_model(proto: Any) -> Any:
+    """ONNX Runtime's float16 converter: the ``onnx`` ModelProto with float16 weights and
+    activations, its input and output types kept."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(proto, keep_io_types=True)
 
 
 def versions() -> dict[str, str]:

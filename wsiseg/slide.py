@@ -181,22 +181,26 @@ class Slide:
         self.close()
 
     # -- planning ------------------------------------------------------------------------------
-    def plan(self, mpp: float) -> ReadPlan:
-        """Choose the level and resampling that give a grid of ``mpp`` microns per pixel."""
+    def plan(self, mpp: float, *, tolerance: float = LEVEL_TOLERANCE) -> ReadPlan:
+        """Choose the level and resampling that give a grid of ``mpp`` microns per pixel.
+
+        A level (or an integer block mean of it) within ``tolerance`` of the wanted downsample
+        is used as is; a tolerance of about zero asks for a grid at ``mpp`` itself, resampled
+        unless a level or block mean lands on it."""
         if math.isnan(self.info.mpp):
             raise MppMissing(self._mpp_message)
         want = mpp / self.info.mpp  # level-0 pixels per output pixel
         level = 0
         for k, ds in enumerate(self.info.level_downsamples):
-            if ds <= want * (1 + LEVEL_TOLERANCE):
+            if ds <= want * (1 + tolerance):
                 level = k if ds > self.info.level_downsamples[level] else level
         ds = self.info.level_downsamples[level]
         lw, lh = self.info.level_sizes[level]
-        if abs(ds / want - 1) <= LEVEL_TOLERANCE:
+        if abs(ds / want - 1) <= tolerance:
             return ReadPlan(level=level, scale=1.0, mpp=self.info.mpp * ds, out_shape=(lh, lw))
         scale = want / ds
         k = round(scale)
-        if k >= 2 and abs(scale / k - 1) <= LEVEL_TOLERANCE:
+        if k >= 2 and abs(scale / k - 1) <= tolerance:
             return ReadPlan(level=level, scale=float(k), mpp=self.info.mpp * ds * k,
                             out_shape=(max(1, lh // k), max(1, lw // k)))
         w0, h0 = self.info.l0_size
