@@ -31,13 +31,13 @@ import math
 import statistics
 import tempfile
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
 
 from .config import Config, ConfigError, apply_overrides, from_dict
 
