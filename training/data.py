@@ -24,6 +24,8 @@ import numpy as np
 from skimage.io import imread
 from skimage.transform import rescale
 
+from wsiseg.labels import resize_nearest
+
 from .annotations import rasterize, read_annotations
 
 if TYPE_CHECKING:
@@ -154,13 +156,6 @@ def read_region(item: Item, row: int, col: int, size: int) -> np.ndarray:
     return item.slide.read(item.plan, row, col, size, size)[0]
 
 
-def _resample_labels(raster: np.ndarray, shape: tuple[int, int], factor: float) -> np.ndarray:
-    """Nearest-neighbour resampling; ``factor`` = raster pixels per model pixel."""
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * factor).astype(int), raster.shape[0] - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * factor).astype(int), raster.shape[1] - 1)
-    return raster[rows[:, None], cols[None, :]]
-
-
 class TrainingData:
     """Train and validation items; closes the slides it opened."""
 
@@ -231,8 +226,9 @@ def load_slide_item(item: Mapping[str, Any], *, model_mpp: float, annotation: st
                 for k, v in values.items():
                     lut[int(k)] = v
                 raster = lut[raster]
-            labels = _resample_labels(raster, plan.out_shape,
-                                      plan.mpp / float(item["labels_mpp"]))
+            # raster pixels per model pixel
+            labels = resize_nearest(raster, plan.out_shape,
+                                    factor=plan.mpp / float(item["labels_mpp"]))
     except BaseException:
         slide.close()
         raise

@@ -13,7 +13,6 @@ of two sizes; the largest absolute difference of the logits is reported and must
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 
 from wsiseg.context import ContextParams
 from wsiseg.contract import PAPER_CLASSES, ModelContract, TissueClass, to_metadata
+from wsiseg.files import atomic_path
 
 from .border import apply_context
 from .checkpoint import load as load_checkpoint
@@ -120,36 +120,29 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, tolerance: float = 1
     m = contract.size_multiple
     side = max(2 * m, min(cfg.data.patch_px, 8 * m))
     example = torch.zeros(1, 3, side, side, dtype=torch.uint8)
-    tmp = out.with_name(out.name + ".tmp")
     dyn = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=OPSET,
-                          input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": dyn, "logits": dyn})
-    proto = onnx.load(str(tmp))
-    proto.doc_string = f"{contract.name} {contract.version}: U-Net, {contract.n_classes} classes"
-    for key, value in to_metadata(contract).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    try:
+    # Written, checked and given its border under a temporary name beside ``out``; moved into
+    # place only when all of that succeeded (wsiseg.files.atomic_path).
+    with atomic_path(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=OPSET,
+                              input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": dyn, "logits": dyn})
+        proto = onnx.load(str(tmp))
+        proto.doc_string = (f"{contract.name} {contract.version}: U-Net, "
+                            f"{contract.n_classes} classes")
+        for key, value in to_metadata(contract).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
         diff = parity(model, tmp, [(2, side, side), (1, side + m, 2 * m)])
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if not diff <= tolerance:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"ONNX Runtime and torch differ by {diff:.3g} (> {tolerance})")
-    try:
+        if not diff <= tolerance:
+            raise ExportError(f"ONNX Runtime and torch differ by {diff:.3g} (> {tolerance})")
         if context:
             contract_dict = apply_context(tmp, params=context_params)["contract"]
         else:
             contract_dict = json.loads(json.dumps(contract.to_dict()))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
     return {"path": str(out), "opset": OPSET, "exporter": "torchscript (dynamo=False)",
             "max_abs_diff": diff, "contract": contract_dict}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
+
+from wsiseg.files import atomic_path
 
 
 def save_with_metadata(proto: onnx.ModelProto, meta: Mapping[str, str], out: str | Path) -> None:
@@ -15,10 +16,5 @@ def save_with_metadata(proto: onnx.ModelProto, meta: Mapping[str, str], out: str
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)

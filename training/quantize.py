@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from wsiseg.contract import PREFIX, from_metadata
+from wsiseg.files import atomic_path
 
 from .config import Config, ConfigError
 from .data import read_pairs_csv, rescale_rgb
@@ -167,9 +168,8 @@ def convert_fp16(model: str | Path, out: str | Path) -> dict:
     meta, _ = _source(model)
     proto = float16_model(onnx.load(str(model)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    _retag(tmp, meta, "fp16", {"format": "float16 weights and activations, fp32 I/O kept"})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+        _retag(tmp, meta, "fp16", {"format": "float16 weights and activations, fp32 I/O kept"})
     return {"path": str(out), "source": model.name, "precision": "fp16",
             "bytes": out.stat().st_size}
