@@ -36,7 +36,7 @@ def pair_mapping(s: SetSection, values: dict[str, int]):
             raise ConfigError("data.sets: mapping = \"threshold\" needs foreground = \"<class>\" "
                               "or foreground_column + foreground_map")
         return threshold_mapping(s.threshold, values[s.foreground], background)
-    raise ConfigError(f"data.sets: mapping must be values or threshold, got {s.mapping!r}")
+    raise ConfigError(f"data.sets: mapping must be values, threshold or ebhi, got {s.mapping!r}")
 
 
 def load_set(s: SetSection, cfg: Config, split: str) -> list[Item]:
