@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from wsiseg.engine import load_model
-from wsiseg.qc import ConfidenceTally, stain_lab, u8_below
+from wsiseg.qc import ConfidenceTally, stain_lab
 
 from .data import Item
 from .evaluate import pad_to_multiple
@@ -47,21 +47,20 @@ def confidence_figures(model_path: str | Path, items: list[Item]) -> dict[str, f
     validation tissue pixels, as the engine decides it), its share and the warning share."""
     model = load_model(model_path, device="cpu")
     c = model.contract
-    tally = ConfidenceTally()
-    per_crop = []
+    tally, per_crop = ConfidenceTally(), []
     for it in items:
         h, w = it.image.shape[:2]
         pred = model.predict(pad_to_multiple(it.image, c.size_multiple)[None])
-        labels, top = pred.labels[0, :h, :w] + 1, pred.top[0, :h, :w]
-        tally.add(top, labels, background=c.background_value)
-        per_crop.append(top[labels != c.background_value] if c.background_value else top.ravel())
+        crop = ConfidenceTally()
+        crop.add(pred.top[0, :h, :w], pred.labels[0, :h, :w] + 1, background=c.background_value)
+        tally.hist += crop.hist
+        per_crop.append(crop)
     if not tally.hist.sum():
         raise ValueError("the model calls every validation pixel background; nothing to calibrate")
     cdf = np.cumsum(tally.hist) / tally.hist.sum()
     threshold = float(min(255, np.searchsorted(cdf, LOW_CONFIDENCE_QUANTILE) + 1) / 255)
     val_share = tally.share_below(threshold)
-    below = u8_below(threshold)
-    shares = [float((t < below).mean()) for t in per_crop if t.size]
+    shares = [crop.share_below(threshold) for crop in per_crop if crop.hist.sum()]
     warn = max(float(np.percentile(shares, WARN_QUANTILE)), 2 * val_share)
     return {"confidence_threshold": threshold, "low_confidence_val": val_share,
             "low_confidence_warn": warn}

@@ -24,7 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from wsiseg.engine import load_model
 from wsiseg.files import write_text_atomic
+from wsiseg.pipeline import SegmentOptions, segment_slide
+from wsiseg.writer import read_level
+
+from .ood import crop_check, kather_calls, load_crops
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -56,8 +61,6 @@ def dice_fails(dice: dict[str, dict[str, float]], limits: GateLimits) -> list[st
 
 def ebhi_check(ref, twin, crops, work: Path, limits: GateLimits) -> dict:
     """Dice against the EBHI-Seg labels of both models, and their label agreement."""
-    from .ood import crop_check
-
     s_ref, p_ref, _ = crop_check(ref, crops, work, "gate-ebhi-fp32")
     s_twin, p_twin, _ = crop_check(twin, crops, work, "gate-ebhi-twin")
     share, n = agreement(np.concatenate([p.ravel() for p in p_ref]),
@@ -71,8 +74,6 @@ def ebhi_check(ref, twin, crops, work: Path, limits: GateLimits) -> dict:
 
 def kather_gate(ref, twin, folder: Path, work: Path, limits: GateLimits) -> dict:
     """Tile calls of both models on the labelled Kather tiles, and their label agreement."""
-    from .ood import kather_calls
-
     types, calls_ref, map_ref = kather_calls(ref, folder, work)
     _, calls_twin, map_twin = kather_calls(twin, folder, work)
     share, n = agreement(map_ref, map_twin)
@@ -85,9 +86,6 @@ def kather_gate(ref, twin, folder: Path, work: Path, limits: GateLimits) -> dict
 
 def slide_check(ref, twin, slide: Path, work: Path, limits: GateLimits) -> dict:
     """Label agreement of both models on any slide."""
-    from wsiseg.pipeline import SegmentOptions, segment_slide
-    from wsiseg.writer import read_level
-
     maps = []
     for tag, model in (("fp32", ref), ("twin", twin)):
         out = work / f"{slide.stem}-{tag}.tif"
@@ -104,10 +102,6 @@ def run_gate(reference: str | Path, twin: str | Path, *, data: Path | None = DAT
     """Judge ``twin`` against ``reference`` on the EBHI-Seg val and Kather 2016 mosaics of
     ``data`` (the shared data folder; None: skip them) and on ``slides`` (name -> path).
     ``limit``: at most this many EBHI-Seg val crops (0 = all)."""
-    from wsiseg.engine import load_model
-
-    from .ood import load_crops
-
     if data is not None:
         for need in (data / "ebhi-seg" / "index.csv", data / "kather-samples" / "labelled-2016"):
             if not need.exists():

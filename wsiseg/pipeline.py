@@ -293,8 +293,7 @@ def segment_slide(slide_path: str | Path, out_path: str | Path, *, model: Model 
 
 def _batch_size(model: Model, options: SegmentOptions, tile_px: int) -> int:
     """1 tile per call on the CPU; on a GPU, calls of at most 4 Mpx (4 tiles of 1024²)."""
-    on_gpu = model.providers[0] != "CPUExecutionProvider"
-    return options.batch_size or (max(1, 4 * 1024 ** 2 // tile_px ** 2) if on_gpu else 1)
+    return options.batch_size or (max(1, 4 * 1024 ** 2 // tile_px ** 2) if model.on_gpu else 1)
 
 
 def _workers(options: SegmentOptions) -> int:
