@@ -1,5 +1,7 @@
 """Image/mask pairs, value mappings, class-first sampling and the sparse:dense ratio."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from skimage.io import imsave
@@ -67,6 +69,23 @@ def test_jitter_stays_within_bounds_and_items_by_annotated_area():
     in_a = [(r, c) for i, r, c in draws if i == 0]
     assert 0 < len(in_a) < 40
     assert all(abs(r - 25) <= 3 and abs(c - 25) <= 3 for r, c in in_a)
+
+
+def test_set_weight_scales_how_often_a_sets_pixels_are_drawn(tmp_path):
+    a = np.ones((10, 10), np.uint8)  # same class, same area: 50/50 at equal weights
+    index = class_index([_item(a), dataclasses.replace(_item(a), weight=0.25)],
+                        np.random.default_rng(0))
+    rng = np.random.default_rng(3)
+    draws = [sample_center(index, np.array([1.0]), 0, rng)[0] for _ in range(2000)]
+    assert np.mean(np.array(draws) == 1) == pytest.approx(0.2, abs=0.03)  # 0.25 / 1.25
+    index = write_pairs(tmp_path / "p", n_train=2, n_val=1)
+    text = tiny_config_text(index).replace('kind = "pairs"', 'kind = "pairs"\nweight = 0.5')
+    (tmp_path / "c.toml").write_text(text)
+    data = build_data(load_config(tmp_path / "c.toml"))
+    assert {it.weight for it in data.train + data.val} == {0.5}
+    (tmp_path / "c.toml").write_text(text.replace("weight = 0.5", "weight = 0"))
+    with pytest.raises(ConfigError, match="weight must be > 0"):
+        load_config(tmp_path / "c.toml")
 
 
 def test_sparse_dense_ratio():

@@ -81,6 +81,8 @@ class SetSection:
                                                              # image class -> stroma class)
     image_mpp: float = 0.0               # pairs: mpp of the images (0 = the model's mpp)
     limit: int = 0                       # pairs: N evenly spaced rows of each split (0 = all)
+    weight: float = 1.0                  # sampling weight of this set's pixels within a class
+                                         # (0.25: a quarter as likely per pixel as weight 1)
     # slides: [{slide=..., labels=... | annotations=..., split=..., slide_mpp=?, labels_mpp=?}]
     items: tuple[Mapping[str, Any], ...] = ()
     class_map: Mapping[str, str] = field(default_factory=dict)  # annotation class -> class
@@ -215,6 +217,9 @@ def check(cfg: Config) -> None:
                               "slide_annotations")
         if s.annotation not in ("dense", "sparse"):
             raise ConfigError(f"data.sets annotation must be dense or sparse, got {s.annotation!r}")
+        if not s.weight > 0:
+            raise ConfigError(f"data.sets weight must be > 0 (0.25 samples a set's pixels a "
+                              f"quarter as often), got {s.weight}")
     for n in used:
         if n and n not in names:
             raise ConfigError(f"class {n!r} is used in the config but not listed in "

@@ -46,6 +46,7 @@ class Item:
     image: np.ndarray | None = None      # [rows, cols, 3] uint8 at the model mpp (pairs)
     slide: Slide | None = None           # the open slide (slides)
     plan: ReadPlan | None = None         # how the slide is read at the model mpp (slides)
+    weight: float = 1.0                  # sampling weight per annotated pixel (its set's)
 
 
 def threshold_mapping(threshold: int, foreground: str | Callable[[Mapping[str, str]], int],

@@ -2,9 +2,9 @@
 
 A patch centre is drawn by picking a class (uniformly over the classes annotated in the set,
 or with configured weights), then an annotated pixel of that class (uniformly over all such
-pixels of the set, so every item contributes by its annotated area), then a uniform jitter of
-up to ``jitter_px`` in each direction. Rare classes are therefore seen as often as common ones.
-When the run has both sparse and dense items, each patch first picks the kind with the
+pixels, each weighted by its set's ``weight``, so every item contributes by its annotated area
+times that weight), then a uniform jitter of up to ``jitter_px`` in each direction. Rare
+classes are therefore seen as often as common ones. When the run has both sparse and dense items, each patch first picks the kind with the
 configured sparse:dense ratio (4:1 in the paper's "combined" setting).
 """
 
@@ -58,7 +58,7 @@ def sample_center(index: ClassIndex, p_class: np.ndarray, jitter_px: int,
     """(item number, row, col) of one patch centre, drawn class first."""
     j = int(rng.choice(len(index.classes), p=p_class))
     v = index.classes[j]
-    per_item = index.counts[:, j].astype(np.float64)
+    per_item = index.counts[:, j] * np.array([it.weight for it in index.items])
     i = int(rng.choice(len(index.items), p=per_item / per_item.sum()))
     pts = index.points[i][v]
     flat = int(pts[rng.integers(pts.size)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .config import Config, ConfigError, SetSection
@@ -40,6 +41,13 @@ def pair_mapping(s: SetSection, values: dict[str, int]):
 
 
 def load_set(s: SetSection, cfg: Config, split: str) -> list[Item]:
+    items = _load_set(s, cfg, split)
+    if s.weight != 1.0:
+        items = [dataclasses.replace(it, weight=s.weight) for it in items]
+    return items
+
+
+def _load_set(s: SetSection, cfg: Config, split: str) -> list[Item]:
     values = class_values(cfg)
     if s.kind == "pairs":
         if not s.index:
