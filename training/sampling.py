@@ -5,7 +5,8 @@ or with configured weights), then an annotated pixel of that class (uniformly ov
 pixels, each weighted by its set's ``weight``, so every item contributes by its annotated area
 times that weight), then a uniform jitter of up to ``jitter_px`` in each direction. Rare
 classes are therefore seen as often as common ones. When the run has both sparse and dense
-items, each patch first picks the kind with the configured sparse:dense ratio (4:1 in the paper's "combined" setting).
+items, each patch first picks the kind with the configured sparse:dense ratio (4:1 in the
+paper's "combined" setting).
 """
 
 from __future__ import annotations
