@@ -160,8 +160,9 @@ def speed(out: Path, side_px: int, dry: bool) -> list[dict]:
         with Slide(slide) as s:
             tp = plan_tiles(s, model, SegmentOptions(tile_px=rep["parameters"]["tile_px"]))
             batch_size = rep["parameters"]["batch_size"]
-            pixels = np.stack([s.read(tp.plan, x.out_row, x.out_col, tp.tile_px, tp.tile_px)[0]
-                               for x in tp.tiles[:batch_size]])
+            shape = (tp.tiles[0].in_h, tp.tiles[0].in_w)  # one batch of one shape, repeated
+            pixels = np.stack([s.read(tp.plan, x.out_row, x.out_col, *shape)[0]
+                               for x in tp.tiles if (x.in_h, x.in_w) == shape][:batch_size])
         model.predict(pixels)  # warm-up (TensorRT/CUDA kernels)
         n_calls = -(-len(tp.tiles) // batch_size)
         t0 = time.perf_counter()

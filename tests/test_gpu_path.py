@@ -14,6 +14,7 @@ from onnx_models import colour_rule_labels, colour_rule_model
 
 from wsiseg.engine import ModelError, choose_head, load_model
 from wsiseg.pipeline import default_workers, throughput
+from wsiseg.tiling import tile_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "wsiseg-ebhi-unet.onnx"
@@ -72,11 +73,12 @@ def test_graph_head_without_onnx_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_throughput_names_the_bound():
-    fast_reader = throughput(10, 1000, read_s=1.0, model_s=10.0, workers=2)
+    tiles = tile_grid((2000, 5000), tile_px=1000, border_px=0)  # 10 Mpx computed in all
+    fast_reader = throughput(tiles, read_s=1.0, model_s=10.0, workers=2)
     assert fast_reader["bound_by"] == "model"
     assert fast_reader["reader_mpx_per_s"] == pytest.approx(20.0)
     assert fast_reader["model_mpx_per_s"] == pytest.approx(1.0)
-    assert throughput(10, 1000, read_s=30.0, model_s=1.0, workers=2)["bound_by"] == "reader"
+    assert throughput(tiles, read_s=30.0, model_s=1.0, workers=2)["bound_by"] == "reader"
 
 
 def test_default_workers_follow_the_cores(monkeypatch):

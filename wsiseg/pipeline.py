@@ -34,7 +34,7 @@ from .qc import ConfidenceTally, qc_section, stain_lab
 from .report import map_description, probabilities_description, report_json, run_report
 from .slide import ReadPlan, Slide
 from .slide import versions as slide_versions
-from .tiling import Tile, TilePlan, choose_tile_px, tile_grid, tiles_on_mask
+from .tiling import Tile, TilePlan, choose_tile_px, computed_px, tile_grid, tiles_on_mask
 from .tissue import TissueParams, tissue_mask
 from .writer import version as writer_version
 from .writer import write_pyramid, write_stack
@@ -104,14 +104,13 @@ def default_workers() -> int:
     return max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
-def _timed_read(slide: Slide, plan: ReadPlan, tile: Tile, tile_px: int
-                ) -> tuple[np.ndarray, np.ndarray, float]:
+def _timed_read(slide: Slide, plan: ReadPlan, tile: Tile) -> tuple[np.ndarray, np.ndarray, float]:
     t0 = time.perf_counter()
-    rgb, scanned = slide.read(plan, tile.out_row, tile.out_col, tile_px, tile_px)
+    rgb, scanned = slide.read(plan, tile.out_row, tile.out_col, tile.in_h, tile.in_w)
     return rgb, scanned, time.perf_counter() - t0
 
 
-def _read_ahead(slide: Slide, plan: ReadPlan, tiles: list[Tile], tile_px: int, workers: int,
+def _read_ahead(slide: Slide, plan: ReadPlan, tiles: list[Tile], workers: int,
                 read_s: list[float]) -> Iterator[tuple[Tile, np.ndarray, np.ndarray]]:
     """Yield (tile, rgb, scanned) in order while ``workers`` threads read further tiles; adds
     each read's seconds to ``read_s[0]``."""
@@ -127,7 +126,7 @@ def _read_ahead(slide: Slide, plan: ReadPlan, tiles: list[Tile], tile_px: int, w
             return tile, rgb, scanned
         try:
             for t in todo:
-                queue.append((t, pool.submit(_timed_read, slide, plan, t, tile_px)))
+                queue.append((t, pool.submit(_timed_read, slide, plan, t)))
                 if len(queue) >= ahead:
                     yield take()
             while queue:
@@ -137,11 +136,11 @@ def _read_ahead(slide: Slide, plan: ReadPlan, tiles: list[Tile], tile_px: int, w
                 fut.cancel()
 
 
-def throughput(n_tiles: int, tile_px: int, *, read_s: float, model_s: float, workers: int
+def throughput(tiles: list[Tile], *, read_s: float, model_s: float, workers: int
                ) -> dict[str, float | str]:
     """Input Mpx/s the readers (all threads together) and the model sustain, and which of the
     two bounds the run (the slower one; reading overlaps the model when it is faster)."""
-    mpx = n_tiles * tile_px * tile_px / 1e6
+    mpx = computed_px(tiles) / 1e6
     reader = mpx * workers / read_s if read_s > 0 else float("inf")
     model = mpx / model_s if model_s > 0 else float("inf")
     return {"reader_mpx_per_s": reader, "model_mpx_per_s": model,
@@ -149,11 +148,12 @@ def throughput(n_tiles: int, tile_px: int, *, read_s: float, model_s: float, wor
 
 
 def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
-              canvas: DiskCanvas, probs: DiskStack | None, tile_px: int, batch_size: int,
+              canvas: DiskCanvas, probs: DiskStack | None, batch_size: int,
               workers: int, progress: Callable[[int], None] | None = None,
               tally: ConfidenceTally | None = None) -> dict:
     """Predict every tile and paste its core into ``canvas`` (and ``probs``), counting the top
-    class probabilities of tissue pixels into ``tally``. Returns timings and throughput."""
+    class probabilities of tissue pixels into ``tally``. A batch holds tiles of one shape (fitted
+    edge tiles end it early). Returns timings and throughput."""
     background = model.contract.background_value
     t_model = 0.0
     read_s = [0.0]
@@ -178,13 +178,15 @@ def run_tiles(model: Model, slide: Slide, plan: ReadPlan, tiles: list[Tile], *,
         batch.clear()
 
     t0 = time.perf_counter()
-    for item in _read_ahead(slide, plan, tiles, tile_px, workers, read_s):
+    for item in _read_ahead(slide, plan, tiles, workers, read_s):
+        if batch and item[1].shape != batch[0][1].shape:
+            flush()
         batch.append(item)
         if len(batch) == batch_size:
             flush()
     if batch:
         flush()
-    rates = throughput(len(tiles), tile_px, read_s=read_s[0], model_s=t_model, workers=workers)
+    rates = throughput(tiles, read_s=read_s[0], model_s=t_model, workers=workers)
     log.info("reading %.3g Mpx/s, model %.3g Mpx/s: the %s bounds this run",
              rates["reader_mpx_per_s"], rates["model_mpx_per_s"], rates["bound_by"])
     return {"tiles_s": time.perf_counter() - t0, "model_s": t_model, "read_s": read_s[0],
@@ -198,16 +200,29 @@ def plan_tiles(slide: Slide, model: Model, options: SegmentOptions) -> TilePlan:
     thumb, scanned, thumb_mpp = slide.thumbnail(thumbnail_mpp(slide, options))
     mask = scanned if options.tissue is None else \
         tissue_mask(thumb, scanned, mpp=thumb_mpp, params=options.tissue)
-    tile_px = options.tile_px
+    tile_px, fit = options.tile_px, fit_multiple(model)
     if tile_px is None:  # not `or`: a tile size of 0 is an error, not "choose one"
         tile_px = fixed_tile_px(model) or choose_tile_px(
             plan.out_shape, None if options.tissue is None else mask,
-            border_px=c.border_px, multiple=c.size_multiple, smallest_px=c.tile_px)
+            border_px=c.border_px, multiple=c.size_multiple, smallest_px=c.tile_px,
+            fit_multiple=fit)
     check_tile_px(model, tile_px)
-    all_tiles = tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px)
+    all_tiles = tile_grid(plan.out_shape, tile_px=tile_px, border_px=c.border_px,
+                          fit_multiple=fit)
     tiles = all_tiles if options.tissue is None else \
         tiles_on_mask(all_tiles, mask, out_shape=plan.out_shape)
-    return TilePlan(plan, thumb, thumb_mpp, mask, tile_px, all_tiles, tiles)
+    return TilePlan(plan, thumb, thumb_mpp, mask, tile_px, all_tiles, tiles, fit)
+
+
+def fit_multiple(model: Model) -> int:
+    """How edge tiles are fitted for ``model`` (tiling.tile_grid): to its size multiple on the
+    CPU; to 128 px on a GPU, so that a run meets few input shapes (each new one costs a
+    convolution-algorithm search); never for a model with a fixed input size or under
+    TensorRT, whose engines are built for one shape."""
+    if fixed_tile_px(model) or "TensorrtExecutionProvider" in model.providers:
+        return 0
+    m = model.contract.size_multiple
+    return -(-128 // m) * m if model.on_gpu else m
 
 
 def thumbnail_mpp(slide: Slide, options: SegmentOptions, max_px: float = 4e6) -> float:
@@ -328,7 +343,7 @@ def _infer_and_write(model: Model, slide: Slide, tp: TilePlan, out_set: OutputSe
             if options.probabilities else None
         tally = ConfidenceTally()
         timing = run_tiles(model, slide, plan, tp.tiles, canvas=canvas, probs=probs,
-                           tile_px=tp.tile_px, batch_size=_batch_size(model, options, tp.tile_px),
+                           batch_size=_batch_size(model, options, tp.tile_px),
                            workers=_workers(options), progress=progress, tally=tally)
         counts = count_values(canvas, c.n_classes + 1)
         qc = qc_section(c.qc, tally, stain_lab(tp.thumb, tp.mask))

@@ -80,8 +80,8 @@ def run_report(*, slide: SlideInfo, model: Model, tiles: TilePlan, map_path: Pat
         "model": model.to_dict(),
         "parameters": {**parameters, "precision": c.precision, "border_px": c.border_px},
         "tiles": {"total": len(tiles.all_tiles), "run": len(run),
-                  "computed_px_per_output_px": computed_px_ratio(len(run), tile_px=tiles.tile_px,
-                                                                 out_px=out_px)},
+                  "fitted_edges": tiles.fit_multiple > 0,
+                  "computed_px_per_output_px": computed_px_ratio(run, out_px=out_px)},
         "tissue_mm2": area_mm2(tiles.mask, mpp=tiles.thumb_mpp),
         "class_area_mm2": {name: float(counts[i + 1]) * px_mm2
                            for i, name in enumerate(c.class_names)},

@@ -1,11 +1,17 @@
 """Tile grid on the output frame: overlapping input windows whose centres tile the map.
 
-Each tile reads ``tile_px`` × ``tile_px`` input pixels and keeps only its centre (the core),
-``border_px`` inside each edge; cores abut exactly, so every output pixel is predicted by one
+Each tile reads up to ``tile_px`` × ``tile_px`` input pixels and keeps only its centre (the
+core), ``border_px`` inside each edge; cores abut exactly, so every output pixel is predicted by one
 tile with at least ``border_px`` of context on every side. Windows that stick out of the slide
 read background there (as the whole-region reference does), which is what makes the tiled map
 equal to a single pass over the whole region for any model whose receptive field radius is at
 most ``border_px``.
+
+Tiles at the bottom and right edges, whose core is cut short by the map's edge, are *fitted*
+when the grid is given a ``fit_multiple``: their input shrinks to the short core plus its
+borders (rounded up to the multiple), instead of reading and computing a full square of mostly
+empty glass past the slide. Their top-left corner and border stay where they were, so the
+output is the same; a small slide runs as one tile of its own shape.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class Tile:
     core_col: int
     core_h: int  # size of the kept core (smaller at the bottom and right edges)
     core_w: int
+    in_h: int  # size of the input window (smaller at those edges when fitted)
+    in_w: int
 
     @property
     def core_in_tile(self) -> tuple[slice, slice]:
@@ -46,10 +54,21 @@ class TilePlan:
     tile_px: int
     all_tiles: list[Tile]
     tiles: list[Tile]  # those run (on tissue, unless the mask is off)
+    fit_multiple: int = 0  # edge tiles fitted to this multiple (0: every tile tile_px square)
 
 
-def tile_grid(out_shape: tuple[int, int], *, tile_px: int, border_px: int) -> list[Tile]:
-    """All tiles covering an output map of ``out_shape`` (rows, cols), row-major order."""
+def fitted_px(core_px: int, *, tile_px: int, border_px: int, fit_multiple: int) -> int:
+    """Input size of a tile whose core is ``core_px`` long: the full ``tile_px``, or (fitted) the
+    core plus both borders rounded up to ``fit_multiple`` (0 = never fitted)."""
+    if fit_multiple < 1:
+        return tile_px
+    return min(tile_px, -(-(core_px + 2 * border_px) // fit_multiple) * fit_multiple)
+
+
+def tile_grid(out_shape: tuple[int, int], *, tile_px: int, border_px: int,
+              fit_multiple: int = 0) -> list[Tile]:
+    """All tiles covering an output map of ``out_shape`` (rows, cols), row-major order; edge
+    tiles fitted to the map when ``fit_multiple`` (the model's size multiple) is given."""
     rows, cols = out_shape
     if rows < 1 or cols < 1:
         raise ValueError(f"output shape must be positive, got {out_shape}")
@@ -57,12 +76,19 @@ def tile_grid(out_shape: tuple[int, int], *, tile_px: int, border_px: int) -> li
     if core < 1:
         raise ValueError(f"tile of {tile_px}px with a border of {border_px}px keeps nothing; "
                          f"use a tile larger than {2 * border_px}px")
+    if fit_multiple and tile_px % fit_multiple:
+        raise ValueError(f"tile of {tile_px}px is not a multiple of {fit_multiple}px")
     tiles = []
     for core_row in range(0, rows, core):
+        core_h = min(core, rows - core_row)
+        in_h = fitted_px(core_h, tile_px=tile_px, border_px=border_px, fit_multiple=fit_multiple)
         for core_col in range(0, cols, core):
+            core_w = min(core, cols - core_col)
             tiles.append(Tile(out_row=core_row - border_px, out_col=core_col - border_px,
-                              core_row=core_row, core_col=core_col,
-                              core_h=min(core, rows - core_row), core_w=min(core, cols - core_col)))
+                              core_row=core_row, core_col=core_col, core_h=core_h, core_w=core_w,
+                              in_h=in_h, in_w=fitted_px(core_w, tile_px=tile_px,
+                                                        border_px=border_px,
+                                                        fit_multiple=fit_multiple)))
     return tiles
 
 
@@ -81,9 +107,14 @@ def tiles_on_mask(tiles: list[Tile], mask: np.ndarray, *, out_shape: tuple[int, 
     return kept
 
 
-def computed_px_ratio(n_tiles: int, *, tile_px: int, out_px: int) -> float:
+def computed_px(tiles: list[Tile]) -> int:
+    """Input pixels the model computes for ``tiles``."""
+    return sum(t.in_h * t.in_w for t in tiles)
+
+
+def computed_px_ratio(tiles: list[Tile], *, out_px: int) -> float:
     """Pixels the model computes per output pixel (>= 1; the cost of overlap)."""
-    return n_tiles * tile_px * tile_px / max(1, out_px)
+    return computed_px(tiles) / max(1, out_px)
 
 
 def largest_tile_px(border_px: int, *, multiple: int, cap_px: int = 2048) -> int:
@@ -98,12 +129,14 @@ def largest_tile_px(border_px: int, *, multiple: int, cap_px: int = 2048) -> int
 
 
 def choose_tile_px(out_shape: tuple[int, int], mask: np.ndarray | None, *, border_px: int,
-                   multiple: int, largest_px: int | None = None, smallest_px: int = 384) -> int:
+                   multiple: int, largest_px: int | None = None, smallest_px: int = 384,
+                   fit_multiple: int = 0) -> int:
     """The tile size (a multiple of ``multiple``) that computes the fewest pixels for this slide.
 
     Per-pixel model cost is about the same from 384 to 2048 px tiles, so the total cost is
-    (tiles run) x tile_px²: large tiles waste less on borders, but on a small slide or thin
-    tissue a smaller tile wastes less past the edges. Candidates (up to ``largest_px``, default
+    the pixels of the tiles run (``fit_multiple``: with edge tiles fitted, as the run will
+    have them): large tiles waste less on borders, but on thin tissue a smaller tile wastes
+    less past the tissue. Candidates (up to ``largest_px``, default
     :func:`largest_tile_px`) are compared on the real grid and tissue mask; ties go to the
     larger tile (fewer model calls)."""
     if largest_px is None:
@@ -113,10 +146,10 @@ def choose_tile_px(out_shape: tuple[int, int], mask: np.ndarray | None, *, borde
     hi = max(lo, largest_px // step * step)
     best = (float("inf"), hi)
     for t in range(hi, lo - 1, -step):
-        tiles = tile_grid(out_shape, tile_px=t, border_px=border_px)
+        tiles = tile_grid(out_shape, tile_px=t, border_px=border_px, fit_multiple=fit_multiple)
         if mask is not None:
             tiles = tiles_on_mask(tiles, mask, out_shape=out_shape)
-        cost = len(tiles) * t * t
+        cost = computed_px(tiles)
         if cost < best[0]:
             best = (cost, t)
     return best[1]
