@@ -76,8 +76,6 @@ def tile_grid(out_shape: tuple[int, int], *, tile_px: int, border_px: int,
     if core < 1:
         raise ValueError(f"tile of {tile_px}px with a border of {border_px}px keeps nothing; "
                          f"use a tile larger than {2 * border_px}px")
-    if fit_multiple and tile_px % fit_multiple:
-        raise ValueError(f"tile of {tile_px}px is not a multiple of {fit_multiple}px")
     tiles = []
     for core_row in range(0, rows, core):
         core_h = min(core, rows - core_row)
