@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +108,9 @@ def test_v3_config_loads_both_sets_and_leaves_adenoma_epithelium_unannotated():
 def test_context_settings_are_checked(tmp_path):
     text = V3.read_text().replace('"../../../shared', f'"{V3.parent.as_posix()}/../../../shared')
     path = tmp_path / "bad.toml"
-    path.write_text(text.replace("island_p = 0.25", "island_p = 1.5"))
+    bad = re.sub(r"(?m)^island_p = [0-9.]+", "island_p = 1.5", text)
+    assert bad != text
+    path.write_text(bad)
     with pytest.raises(ConfigError, match="island_p"):
         load_config(path)
     path.write_text(text.replace("island_px = [40, 112]", "island_px = [40, 400]"))
