@@ -28,6 +28,7 @@ class ClassIndex:
     classes: tuple[int, ...]                     # class values present
     points: tuple[dict[int, np.ndarray], ...]    # per item: class value -> flat indices
     counts: np.ndarray                           # [n_items, n_classes_present] true pixel counts
+    weights: np.ndarray                          # [n_items] each item's sampling weight
 
 
 def class_index(items: list[Item], rng: np.random.Generator) -> ClassIndex:
@@ -43,7 +44,8 @@ def class_index(items: list[Item], rng: np.random.Generator) -> ClassIndex:
                 idx = np.sort(rng.choice(idx, MAX_POINTS, replace=False))
             per[v] = idx
         points.append(per)
-    return ClassIndex(tuple(items), tuple(values), tuple(points), counts)
+    weights = np.array([it.weight for it in items], dtype=np.float64)
+    return ClassIndex(tuple(items), tuple(values), tuple(points), counts, weights)
 
 
 def class_probabilities(index: ClassIndex, weights: dict[int, float] | None) -> np.ndarray:
@@ -59,7 +61,7 @@ def sample_center(index: ClassIndex, p_class: np.ndarray, jitter_px: int,
     """(item number, row, col) of one patch centre, drawn class first."""
     j = int(rng.choice(len(index.classes), p=p_class))
     v = index.classes[j]
-    per_item = index.counts[:, j] * np.array([it.weight for it in index.items])
+    per_item = index.counts[:, j] * index.weights
     i = int(rng.choice(len(index.items), p=per_item / per_item.sum()))
     pts = index.points[i][v]
     flat = int(pts[rng.integers(pts.size)])
