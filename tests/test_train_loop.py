@@ -144,3 +144,48 @@ def test_bad_colour_is_a_config_error(config):
 
     with pytest.raises(ConfigError, match="model.colour must be rgb or grey"):
         load_config(config, ["model.colour=hsv"])
+
+
+def test_update_ema_moves_floats_by_one_minus_decay_and_copies_counters():
+    from wsiseg_train.train import update_ema
+    a, b = torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+    with torch.no_grad():
+        a.weight.fill_(0.0), b.weight.fill_(1.0)
+    b.num_batches_tracked.fill_(7)
+    update_ema(a, b, decay=0.75, step=10_000)
+    assert torch.allclose(a.weight, torch.full((2,), 0.25))
+    assert int(a.num_batches_tracked) == 7
+    update_ema(a, b, decay=0.99, step=0)        # warm-up: the first steps follow the model closely
+    assert torch.allclose(a.weight, torch.full((2,), 0.25 * 0.1 + 0.9))
+
+
+def test_ema_run_validates_keeps_and_resumes_the_average(config, full_run, tmp_path):
+    run, plain = full_run
+    cfg = load_config(config, ["train.ema=0.9"])
+    state = train(cfg, tmp_path / "ema")
+    last = load_checkpoint(tmp_path / "ema" / "last.pt")
+    best = load_checkpoint(tmp_path / "ema" / "best.pt")
+    ref = load_checkpoint(run / "last.pt")
+    # same steps as the plain run (the average does not touch the trained weights) ...
+    for k in ref["model"]:
+        assert torch.equal(last["model"][k], ref["model"][k]), k
+    # ... but the average differs from them, is what best.pt keeps and what was validated
+    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["ema"]
+               if last["ema"][k].dtype.is_floating_point)
+    if state["best_epoch"] == state["epoch"]:
+        for k in last["ema"]:
+            assert torch.equal(best["model"][k], last["ema"][k]), k
+    assert state["history"][-1]["val_dice"] != plain["history"][-1]["val_dice"] or \
+        state["history"][-1]["val_loss"] != plain["history"][-1]["val_loss"]
+    # resume restores the average too: stopping after one epoch changes nothing
+    train(load_config(config, ["train.ema=0.9", "train.epochs=1"]), tmp_path / "r")
+    train(cfg, tmp_path / "r", resume=True)
+    again = load_checkpoint(tmp_path / "r" / "last.pt")
+    for k in last["ema"]:
+        assert torch.equal(again["ema"][k], last["ema"][k]), k
+
+
+def test_ema_out_of_range_is_a_config_error(config):
+    from wsiseg_train.config import ConfigError
+    with pytest.raises(ConfigError, match="train.ema must be in"):
+        load_config(config, ["train.ema=1.0"])

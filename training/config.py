@@ -123,6 +123,9 @@ class TrainSection:
     init: str = ""                       # start from these weights: an ONNX model exported by
                                          # wsiseg-train or a .pt checkpoint (training/init.py)
     freeze_norm: bool = False            # batch norms keep their running statistics
+    ema: float = 0.0                     # > 0: validate, keep and export an exponential moving
+                                         # average of the weights (e.g. 0.999 = about the last
+                                         # 1,000 steps), not the last step's weights
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,9 @@ def check(cfg: Config) -> None:
                        or not 8 <= d.island_px[0] <= d.island_px[1] <= d.patch_px):
         raise ConfigError(f"data.island_px must be [low, high] with 8 <= low <= high <= "
                           f"data.patch_px ({d.patch_px}), got {list(d.island_px)}")
+    if not 0 <= cfg.train.ema < 1:
+        raise ConfigError(f"train.ema must be in [0, 1) (0 = off, 0.999 averages about the last "
+                          f"1,000 steps), got {cfg.train.ema}")
     m = 2 ** (cfg.model.depth - 1)
     if cfg.data.patch_px % m:
         raise ConfigError(f"data.patch_px {cfg.data.patch_px} must be a multiple of {m} for "

@@ -2,14 +2,17 @@
 
 A run folder holds ``last.pt`` and ``best.pt`` (weights, optimiser, loop state, random states and
 the resolved config), ``metrics.csv``/``metrics.json``/``plot.png`` and, at the end,
-``model.onnx``. ``resume=True`` continues from ``last.pt``; because the random states are saved
-at the end of every epoch, a resumed run reaches the same weights as one that never stopped
-(on CPU; CUDA kernels are not bit-reproducible). Checkpoints hold tensors and plain data only
-and are read without unpickling code (:mod:`.checkpoint`).
+``model.onnx``. With ``train.ema`` the loop also keeps an exponential moving average of the
+weights; that average is what is validated, kept in ``best.pt`` and exported (``last.pt`` holds
+both, under ``model`` and ``ema``). ``resume=True`` continues from ``last.pt``; because the
+random states are saved at the end of every epoch, a resumed run reaches the same weights as one
+that never stopped (on CPU; CUDA kernels are not bit-reproducible). Checkpoints hold tensors and
+plain data only and are read without unpickling code (:mod:`.checkpoint`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -94,8 +97,33 @@ def validate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, cfg
     return {"val_loss": float(np.mean(losses)), "val_dice": overall, "per_class": per}
 
 
+def make_ema(model: torch.nn.Module, cfg: Config) -> torch.nn.Module | None:
+    """A frozen copy of the model that :func:`update_ema` moves towards the trained weights."""
+    if not cfg.train.ema:
+        return None
+    ema = copy.deepcopy(model)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """One step of the average: floating-point weights and statistics move by ``1 - d`` towards
+    the model's, where ``d`` grows from 0.1 to ``decay`` over the first steps (so that a run
+    from random weights is not dominated by them); integer buffers are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    live = model.state_dict()
+    for name, e in ema.state_dict().items():
+        if e.dtype.is_floating_point:
+            e.mul_(d).add_(live[name].detach(), alpha=1 - d)
+        else:
+            e.copy_(live[name])
+
+
 def _restore(run_dir: Path, cfg: Config, resume: bool, model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, rng: np.random.Generator) -> dict[str, Any]:
+             optimizer: torch.optim.Optimizer, rng: np.random.Generator,
+             ema: torch.nn.Module | None = None) -> dict[str, Any]:
     """The loop state to start from: ``last.pt`` on resume (weights, optimiser, random states),
     else a fresh state, the model starting from ``train.init`` if given."""
     state: dict[str, Any] = {"epoch": 0, "lr": cfg.train.lr, "best_dice": -math.inf,
@@ -104,6 +132,8 @@ def _restore(run_dir: Path, cfg: Config, resume: bool, model: torch.nn.Module,
         ckpt = load_checkpoint(run_dir / "last.pt")
         check_resumable(config_from_saved(ckpt["config"]), cfg)
         load_weights(model, ckpt["model"], cfg)
+        if ema is not None:
+            load_weights(ema, ckpt.get("ema", ckpt["model"]), cfg)
         optimizer.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
         rng.bit_generator.state = ckpt["rng"]["numpy"]
@@ -114,6 +144,8 @@ def _restore(run_dir: Path, cfg: Config, resume: bool, model: torch.nn.Module,
                               "choose another run folder")
     elif cfg.train.init:
         start_from(model, cfg)
+    if ema is not None and not resume:
+        ema.load_state_dict(model.state_dict())
     return state
 
 
@@ -133,14 +165,16 @@ def make_sampler(cfg: Config, items: list[Item]) -> Sampler:
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler,
-                rng: np.random.Generator, cfg: Config, device: torch.device) -> list[float]:
-    """``train.iterations`` optimiser steps; returns their losses."""
+                rng: np.random.Generator, cfg: Config, device: torch.device,
+                ema: torch.nn.Module | None = None, first_step: int = 0) -> list[float]:
+    """``train.iterations`` optimiser steps (each followed by the average's step when ``ema``
+    is given); returns their losses."""
     model.train()
     if cfg.train.freeze_norm:
         freeze_norm_statistics(model)
     amp = device.type == "cuda" and cfg.train.amp
     losses = []
-    for _ in range(cfg.train.iterations):
+    for i in range(cfg.train.iterations):
         images, labels = sampler.batch(cfg.train.batch_size, rng)
         x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -149,6 +183,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            update_ema(ema, model, cfg.train.ema, first_step + i)
         losses.append(float(loss.detach()))
     return losses
 
@@ -181,15 +217,19 @@ def epoch_record(state: dict[str, Any], cfg: Config, losses: list[float], val: d
 
 def save_epoch(run_dir: Path, cfg: Config, model: torch.nn.Module,
                optimizer: torch.optim.Optimizer, state: dict[str, Any],
-               rng: np.random.Generator, gained: bool) -> None:
+               rng: np.random.Generator, gained: bool,
+               ema: torch.nn.Module | None = None) -> None:
     """``last.pt`` (and ``best.pt`` when the epoch gained) through :mod:`.checkpoint`, and the
-    metrics log."""
+    metrics log. With an average, ``best.pt``'s weights are the average (what was validated)."""
     payload = {"format": FORMAT, "config": to_dict(cfg), "model": model.state_dict(),
                "optimizer": optimizer.state_dict(), "state": state,
                "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
                "n_params": count_parameters(model)}
+    if ema is not None:
+        payload["ema"] = ema.state_dict()
     if gained:
-        save_checkpoint(run_dir / "best.pt", payload)
+        save_checkpoint(run_dir / "best.pt",
+                        {**payload, "model": payload["ema"]} if ema is not None else payload)
     save_checkpoint(run_dir / "last.pt", payload)
     write_log(run_dir, state["history"])
 
@@ -204,7 +244,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
     model = make_model(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     rng = np.random.default_rng(cfg.train.seed)
-    state = _restore(run_dir, cfg, resume, model, optimizer, rng)
+    ema = make_ema(model, cfg)
+    state = _restore(run_dir, cfg, resume, model, optimizer, rng, ema)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     with build_data(cfg) as data:
@@ -215,14 +256,16 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
                  len(data.train), len(data.val), len(val_x), f"{count_parameters(model):,}", device)
         while state["epoch"] < cfg.train.epochs:
             t0 = time.perf_counter()
-            losses = train_epoch(model, optimizer, sampler, rng, cfg, device)
+            losses = train_epoch(model, optimizer, sampler, rng, cfg, device, ema,
+                                 state["epoch"] * cfg.train.iterations)
             seconds = time.perf_counter() - t0
-            val = validate(model, val_x, val_y, cfg, device, cfg.train.batch_size)
+            val = validate(ema if ema is not None else model, val_x, val_y, cfg, device,
+                           cfg.train.batch_size)
             state["epoch"] += 1
             gained = schedule(state, val["val_dice"], cfg, optimizer)
             record = epoch_record(state, cfg, losses, val, seconds)
             state["history"].append(record)
-            save_epoch(run_dir, cfg, model, optimizer, state, rng, gained)
+            save_epoch(run_dir, cfg, model, optimizer, state, rng, gained, ema)
             log.info("epoch %d  loss %.4f  val loss %.4f  val Dice %.3f  lr %.2g  %.2f it/s",
                      state["epoch"], record["train_loss"], record["val_loss"], record["val_dice"],
                      state["lr"], record["it_per_s"])
