@@ -4,6 +4,7 @@
     python benchmarks/bench_engine.py speed --model MODEL.onnx --synthetic-px 4096
     python benchmarks/bench_engine.py memory [--large-px 60000]
     python benchmarks/bench_engine.py reads [--slide SLIDE] [--target-mpp 1.0] [--tile-px 512]
+    python benchmarks/bench_engine.py tile-sizes --model MODEL.onnx [--sizes 1920 3328]
 
 ``speed`` reads the tiles that ``wsiseg segment`` would run on a real slide, keeps them in
 memory and times the model alone on them (model-only), then times ``segment_slide`` on the same
@@ -19,6 +20,12 @@ should need about as much memory as the small one.
 ``reads`` times reading the same tiles two ways on a slide whose factor to the target mpp is
 near an integer k: as k x k block means (what the planner chooses) and through the general
 resampler (Gaussian + bilinear), alternating rounds so that load on a shared machine hits both.
+
+``tile-sizes`` weighs overlap against per-pixel speed: for each tile size, a fresh process
+times the model on one tile of that size (after a small warm-up call) and reports its peak
+resident memory; the pixels computed per output pixel on a large all-tissue slide come from
+the engine's tile grid with the model's border, and their quotient is the output throughput a
+large slide would get. Sizes alternate over the rounds (reversed every other round).
 
 Results go to stdout as JSON lines; benchmarks/RESULTS.md records runs with their machine.
 """
@@ -212,6 +219,54 @@ def memory(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+_TILE_CHILD = """
+import json, resource, sys, time
+import numpy as np
+from wsiseg.engine import load_model
+m = load_model({model!r}, device={device!r})
+t = {tile}
+rng = np.random.default_rng(0)
+m.predict(rng.integers(0, 256, (1, 256, 256, 3), dtype=np.uint8))
+x = rng.integers(0, 256, (1, t, t, 3), dtype=np.uint8)
+t0 = time.perf_counter()
+m.predict(x)
+s = time.perf_counter() - t0
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+print(json.dumps({{"seconds": s, "peak_rss_gb": rss}}))
+"""
+
+
+def tile_sizes(args: argparse.Namespace) -> list[dict]:
+    from wsiseg.engine import load_model
+    from wsiseg.tiling import computed_px_ratio, tile_grid
+    model = load_model(args.model, device=args.device)
+    border = model.contract.border_px
+    side = args.slide_px
+    ratio = {t: computed_px_ratio(tile_grid((side, side), tile_px=t, border_px=border,
+                                            fit_multiple=model.contract.size_multiple),
+                                  out_px=side * side) for t in args.sizes}
+    runs: dict[int, list[dict]] = {t: [] for t in args.sizes}
+    for r in range(args.rounds):
+        for t in (args.sizes if r % 2 == 0 else args.sizes[::-1]):
+            code = _TILE_CHILD.format(model=str(args.model), device=args.device, tile=t)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True)
+            runs[t].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = []
+    for t in args.sizes:
+        secs = sorted(x["seconds"] for x in runs[t])
+        med = secs[len(secs) // 2]
+        computed = t * t / med / 1e6
+        results.append({"bench": "tile-sizes", "tile_px": t, "border_px": border,
+                        "slide_px": side, "computed_per_output": round(ratio[t], 3),
+                        "seconds": [round(x, 1) for x in secs],
+                        "computed_mpx_s": round(computed, 3),
+                        "output_mpx_s": round(computed / ratio[t], 3),
+                        "peak_rss_gb": round(max(x["peak_rss_gb"] for x in runs[t]), 2),
+                        "machine": machine()})
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -238,6 +293,13 @@ def main() -> None:
     r.add_argument("--target-mpp", type=float, default=1.0)
     r.add_argument("--tile-px", type=int, default=512)
     r.add_argument("--rounds", type=int, default=5)
+    z = sub.add_parser("tile-sizes")
+    z.add_argument("--model", required=True)
+    z.add_argument("--sizes", type=int, nargs="+", default=[1024, 1920, 2560, 3328])
+    z.add_argument("--slide-px", type=int, default=20000,
+                   help="side of the all-tissue slide whose grid gives the overlap cost")
+    z.add_argument("--device", default="cpu")
+    z.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     if getattr(args, "synthetic_px", None):
         from gpu_check import synthetic_slide
@@ -246,7 +308,8 @@ def main() -> None:
                                              args.synthetic_px))
             res = speed(args)
     else:
-        res = {"speed": speed, "memory": memory, "reads": reads}[args.cmd](args)
+        res = {"speed": speed, "memory": memory, "reads": reads,
+               "tile-sizes": tile_sizes}[args.cmd](args)
     for r in res if isinstance(res, list) else [res]:
         print(json.dumps(r))
 
