@@ -82,6 +82,9 @@ def test_fitted_edge_tiles_give_the_same_map_as_square_tiles(tmp_path, monkeypat
     square, rep_square = _segment(tmp_path / "crop.tif", tmp_path / "square.tif")
     assert rep_fitted["tiles"]["fitted_edges"] and not rep_square["tiles"]["fitted_edges"]
     assert rep_fitted["tiles"]["run"] == rep_square["tiles"]["run"] == 4
+    assert sorted(rep_fitted["tiles"]["shapes"]) == [[336, 288, 1], [336, 512, 1],
+                                                     [512, 288, 1], [512, 512, 1]]
+    assert rep_square["tiles"]["shapes"] == [[512, 512, 4]]
     # 512² + 512·288 + 336·512 + 336·288 against 4 · 512²
     assert rep_fitted["tiles"]["computed_px_per_output_px"] == pytest.approx(
         (512 * 512 + 512 * 288 + 336 * 512 + 336 * 288) / (400 * 350))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,9 @@ def run_report(*, slide: SlideInfo, model: Model, tiles: TilePlan, map_path: Pat
         "parameters": {**parameters, "precision": c.precision, "border_px": c.border_px},
         "tiles": {"total": len(tiles.all_tiles), "run": len(run),
                   "fitted_edges": tiles.fit_multiple > 0,
+                  # [input height, input width, tiles run] per tile shape, most frequent first
+                  "shapes": [[h, w, n] for (h, w), n in
+                             Counter((t.in_h, t.in_w) for t in run).most_common()],
                   "computed_px_per_output_px": computed_px_ratio(run, out_px=out_px)},
         "tissue_mm2": area_mm2(tiles.mask, mpp=tiles.thumb_mpp),
         "class_area_mm2": {name: float(counts[i + 1]) * px_mm2
