@@ -238,12 +238,13 @@ print(json.dumps({{"seconds": s, "peak_rss_gb": rss}}))
 
 def tile_sizes(args: argparse.Namespace) -> list[dict]:
     from wsiseg.engine import load_model
+    from wsiseg.pipeline import fit_multiple
     from wsiseg.tiling import computed_px_ratio, tile_grid
     model = load_model(args.model, device=args.device)
     border = model.contract.border_px
     side = args.slide_px
     ratio = {t: computed_px_ratio(tile_grid((side, side), tile_px=t, border_px=border,
-                                            fit_multiple=model.contract.size_multiple),
+                                            fit_multiple=fit_multiple(model)),
                                   out_px=side * side) for t in args.sizes}
     runs: dict[int, list[dict]] = {t: [] for t in args.sizes}
     for r in range(args.rounds):
