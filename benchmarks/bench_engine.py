@@ -4,7 +4,7 @@
     python benchmarks/bench_engine.py speed --model MODEL.onnx --synthetic-px 4096
     python benchmarks/bench_engine.py memory [--large-px 60000]
     python benchmarks/bench_engine.py reads [--slide SLIDE] [--target-mpp 1.0] [--tile-px 512]
-    python benchmarks/bench_engine.py tile-sizes --model MODEL.onnx [--sizes 1920 3328]
+    python benchmarks/bench_engine.py tile-sizes --model MODEL.onnx [OTHER.onnx] [--sizes 1920 3328]
 
 ``speed`` reads the tiles that ``wsiseg segment`` would run on a real slide, keeps them in
 memory and times the model alone on them (model-only), then times ``segment_slide`` on the same
@@ -25,7 +25,8 @@ resampler (Gaussian + bilinear), alternating rounds so that load on a shared mac
 times the model on one tile of that size (after a small warm-up call) and reports its peak
 resident memory; the pixels computed per output pixel on a large all-tissue slide come from
 the engine's tile grid with the model's border, and their quotient is the output throughput a
-large slide would get. Sizes alternate over the rounds (reversed every other round).
+large slide would get. Sizes (and models, when several are given: e.g. a model before and after
+``wsiseg-train fold``) alternate over the rounds (reversed every other round).
 
 Results go to stdout as JSON lines; benchmarks/RESULTS.md records runs with their machine.
 """
@@ -240,30 +241,32 @@ def tile_sizes(args: argparse.Namespace) -> list[dict]:
     from wsiseg.engine import load_model
     from wsiseg.pipeline import fit_multiple
     from wsiseg.tiling import computed_px_ratio, tile_grid
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model[0], device=args.device)
     border = model.contract.border_px
     side = args.slide_px
     ratio = {t: computed_px_ratio(tile_grid((side, side), tile_px=t, border_px=border,
                                             fit_multiple=fit_multiple(model)),
                                   out_px=side * side) for t in args.sizes}
-    runs: dict[int, list[dict]] = {t: [] for t in args.sizes}
+    pairs = [(m, t) for t in args.sizes for m in args.model]
+    runs: dict[tuple[str, int], list[dict]] = {pair: [] for pair in pairs}
     for r in range(args.rounds):
-        for t in (args.sizes if r % 2 == 0 else args.sizes[::-1]):
-            code = _TILE_CHILD.format(model=str(args.model), device=args.device, tile=t)
+        for m, t in (pairs if r % 2 == 0 else pairs[::-1]):
+            code = _TILE_CHILD.format(model=str(m), device=args.device, tile=t)
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                  check=True)
-            runs[t].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[m, t].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = []
-    for t in args.sizes:
-        secs = sorted(x["seconds"] for x in runs[t])
+    for m, t in pairs:
+        secs = sorted(x["seconds"] for x in runs[m, t])
         med = secs[len(secs) // 2]
         computed = t * t / med / 1e6
-        results.append({"bench": "tile-sizes", "tile_px": t, "border_px": border,
-                        "slide_px": side, "computed_per_output": round(ratio[t], 3),
+        results.append({"bench": "tile-sizes", "model": Path(m).name, "tile_px": t,
+                        "border_px": border, "slide_px": side,
+                        "computed_per_output": round(ratio[t], 3),
                         "seconds": [round(x, 1) for x in secs],
                         "computed_mpx_s": round(computed, 3),
                         "output_mpx_s": round(computed / ratio[t], 3),
-                        "peak_rss_gb": round(max(x["peak_rss_gb"] for x in runs[t]), 2),
+                        "peak_rss_gb": round(max(x["peak_rss_gb"] for x in runs[m, t]), 2),
                         "machine": machine()})
     return results
 
@@ -295,7 +298,8 @@ def main() -> None:
     r.add_argument("--tile-px", type=int, default=512)
     r.add_argument("--rounds", type=int, default=5)
     z = sub.add_parser("tile-sizes")
-    z.add_argument("--model", required=True)
+    z.add_argument("--model", required=True, nargs="+",
+                   help="one or more models (same border), alternated with the sizes")
     z.add_argument("--sizes", type=int, nargs="+", default=[1024, 1920, 2560, 3328])
     z.add_argument("--slide-px", type=int, default=20000,
                    help="side of the all-tissue slide whose grid gives the overlap cost")

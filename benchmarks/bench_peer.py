@@ -44,11 +44,12 @@ def torch_twin(onnx_path: Path):
     from wsiseg_train.unet import UNetConfig, build_model
 
     from wsiseg.contract import from_metadata
+    from wsiseg.graph import unfold_weight
 
     proto = onnx.load(str(onnx_path))
     contract = from_metadata({p.key: p.value for p in proto.metadata_props})
     init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
-    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     training = contract.training.get("model", {})
     cfg = UNetConfig(n_classes=contract.n_classes, width=int(training.get("width", 16)),
                      depth=int(training.get("depth", 5)), norm="none")
@@ -67,6 +68,8 @@ def torch_twin(onnx_path: Path):
     with torch.no_grad():
         for conv, node in zip(order, convs):
             w, b = np.array(init[node.input[1]]), np.array(init[node.input[2]])
+            if node.op_type == "ConvTranspose":  # a folded upsampling + 3 x 3 convolution
+                w = unfold_weight(w)
             if tuple(conv.weight.shape) != w.shape:
                 raise SystemExit(f"{node.name}: ONNX weight {w.shape} vs torch "
                                  f"{tuple(conv.weight.shape)}")

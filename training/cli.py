@@ -206,6 +206,19 @@ def fp16(model: Path, output: Path | None) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Folded model to write (may be MODEL itself).")
+def fold(model: Path, output: Path) -> None:
+    """Store MODEL's decoder upsampling + 3x3 convolutions as transposed convolutions: the same
+    logits (checked through the engine), about 1.4x faster on the CPU. Exports are folded
+    already; this is for models exported before."""
+    from .export import fold_model
+
+    click.echo(json.dumps(_run(fold_model, model, output)))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--split", default="val", show_default=True,
               help="Which rows of the config's pair sets to score (train or val).")

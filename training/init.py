@@ -1,11 +1,13 @@
 """Start a run from the weights of an exported model (``train.init``): fine-tuning.
 
 An ONNX model exported by ``wsiseg-train`` holds each convolution with its batch norm folded
-in (weight and bias). The torch U-Net of the same ``[model]`` section is loaded from it exactly:
-each convolution gets the folded weight, and its batch norm becomes the identity plus the
-folded bias (scale 1, shift = bias, running mean 0, running variance 1 - eps). With the batch
-norms' statistics frozen (``train.freeze_norm``) the network then computes what the ONNX model
-computes, and fine-tuning moves its weights from there. A ``.pt`` checkpoint is loaded as is.
+in (weight and bias), and the decoder's upsampling + convolutions folded into transposed
+convolutions (unfolded again here). The torch U-Net of the same ``[model]`` section is loaded
+from it exactly: each convolution gets the folded weight, and its batch norm becomes the
+identity plus the folded bias (scale 1, shift = bias, running mean 0, running variance
+1 - eps). With the batch norms' statistics frozen (``train.freeze_norm``) the network then
+computes what the ONNX model computes, and fine-tuning moves its weights from there. A ``.pt``
+checkpoint is loaded as is.
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ def load_onnx_weights(model: nn.Module, path: str | Path) -> None:
     import onnx
     from onnx import numpy_helper
 
+    from wsiseg.graph import unfold_weight
+
     graph = onnx.load(str(path)).graph
-    inits = [(i.name, numpy_helper.to_array(i)) for i in graph.initializer
-             if i.name not in SKIP]
+    # Folded upsampling + convolutions (wsiseg.graph.fold_upsampling) back to 3 x 3 weights.
+    transposed = {n.input[1] for n in graph.node if n.op_type == "ConvTranspose"}
+    inits = [(i.name, unfold_weight(numpy_helper.to_array(i)) if i.name in transposed
+              else numpy_helper.to_array(i)) for i in graph.initializer if i.name not in SKIP]
     named = dict(inits)
     net: UNet = model.net  # type: ignore[assignment]
     params = dict(model.named_parameters())

@@ -111,15 +111,17 @@ def head_node(model: str | Path) -> str:
 
 def full_resolution_convs(model: str | Path) -> list[str]:
     """Convolutions that run at the input's resolution: those before the graph's first
-    MaxPool and after its last Resize (the U-Net's first and last level, and the head)."""
+    MaxPool and from its last upsampling on (a Resize, or a transposed convolution when the
+    decoder is folded): the U-Net's first and last level, and the head."""
     import onnx
 
     nodes = onnx.load(str(model)).graph.node
     ops = [n.op_type for n in nodes]
     first_pool = ops.index("MaxPool") if "MaxPool" in ops else len(ops)
-    last_resize = len(ops) - 1 - ops[::-1].index("Resize") if "Resize" in ops else len(ops)
-    return [n.name for i, n in enumerate(nodes)
-            if n.op_type == "Conv" and (i < first_pool or i > last_resize)]
+    ups = [i for i, op in enumerate(ops) if op in ("Resize", "ConvTranspose")]
+    last_up = ups[-1] if ups else len(ops)
+    return [n.name for i, n in enumerate(nodes) if n.op_type in ("Conv", "ConvTranspose")
+            and (i < first_pool or i >= last_up)]
 
 
 def quantize_int8(model: str | Path, cfg: Config, out: str | Path, *, n_images: int = 64,

@@ -1,4 +1,4 @@
-"""ONNX graph edits made at load time: the only module that imports ``onnx``.
+"""ONNX graph edits: the only module of ``wsiseg`` that imports ``onnx``.
 
 ``add_label_head`` appends the per-pixel decision to a model's graph, so that a GPU hands back
 two bytes per pixel instead of C float32 scores: ``labels`` uint8 ``[N, H, W]`` (ArgMax over the
@@ -69,3 +69,107 @@ def _to_u8(helper, tensor_proto, name: str, out: str) -> list:
     return [helper.make_node("Mul", [name, "wsiseg_255"], [f"{out}_x255"]),
             helper.make_node("Round", [f"{out}_x255"], [f"{out}_round"]),
             helper.make_node("Cast", [f"{out}_round"], [out], to=tensor_proto.UINT8)]
+
+
+# Nearest-neighbour x2 upsampling followed by a 3 x 3 convolution (padding 1) is a transposed
+# convolution of the low-resolution input (kernel 4, stride 2, padding 1): along each axis the
+# output pixel 2i takes low-resolution rows i - 1 (tap 0) and i (taps 1 + 2), pixel 2i + 1 rows
+# i (taps 0 + 1) and i + 1 (tap 2). FOLD maps the 3 conv taps to the 4 transposed-conv taps.
+_FOLD = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+
+
+def fold_weight(w):
+    """Conv weight ``[out, in, 3, 3]`` -> ConvTranspose weight ``[in, out, 4, 4]``."""
+    import numpy as np
+
+    a = np.asarray(_FOLD, dtype=np.float64)
+    return np.einsum("ks,oist,lt->iokl", a, w.astype(np.float64), a).astype(w.dtype)
+
+
+def unfold_weight(wt):
+    """Inverse of :func:`fold_weight` (the fold is injective: ``_FOLD`` has rank 3)."""
+    import numpy as np
+
+    p = np.linalg.pinv(np.asarray(_FOLD, dtype=np.float64))
+    return np.einsum("sk,iokl,tl->oist", p, wt.astype(np.float64), p).astype(wt.dtype)
+
+
+def fold_upsampling(proto) -> int:
+    """Rewrite, in place, every nearest-neighbour upsampling whose only reader is a 3 x 3
+    convolution (stride 1, padding 1) as one transposed convolution of the low-resolution
+    tensor: 4 instead of 9 taps per output pixel and no upsampled tensor. Exact for inputs
+    whose sides are multiples of the contract's ``size_multiple`` (each upsampling then doubles
+    the size); returns how many were folded. The new node and weight keep the old ones' names
+    and places, so the weights stay in forward order."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    inits = {t.name: k for k, t in enumerate(g.initializer)}
+    folded = 0
+    for node in list(g.node):
+        conv = _upsample_conv(node, readers, inits)
+        if conv is None:
+            continue
+        w = numpy_helper.to_array(g.initializer[inits[conv.input[1]]])
+        g.initializer[inits[conv.input[1]]].CopyFrom(
+            numpy_helper.from_array(fold_weight(w), conv.input[1]))
+        new = helper.make_node("ConvTranspose", [node.input[0], *conv.input[1:]],
+                               list(conv.output), name=conv.name, kernel_shape=[4, 4],
+                               strides=[2, 2], pads=[1, 1, 1, 1])
+        pos = list(g.node).index(conv)
+        g.node.remove(conv)
+        g.node.insert(pos, new)
+        folded += 1
+    _prune(g)
+    return folded
+
+
+def _upsample_conv(node, readers: dict, inits: dict):
+    """The 3 x 3 convolution that alone reads ``node``'s output, when ``node`` is a x2-able
+    nearest-neighbour Resize (asymmetric coordinates, floor) and the pair can be folded."""
+    if node.op_type != "Resize":
+        return None
+    a = {x.name: x for x in node.attribute}
+
+    def s(key: str, default: str) -> str:
+        return a[key].s.decode() if key in a else default
+
+    if (s("mode", "nearest"), s("coordinate_transformation_mode", "half_pixel"),
+            s("nearest_mode", "round_prefer_floor")) != ("nearest", "asymmetric", "floor"):
+        return None
+    users = readers.get(node.output[0], [])
+    if len(users) != 1 or users[0].op_type != "Conv":
+        return None
+    conv = users[0]
+    c = {x.name: x for x in conv.attribute}
+    ints = {key: list(c[key].ints) for key in ("kernel_shape", "pads", "strides", "dilations")
+            if key in c}
+    ok = (ints.get("kernel_shape") == [3, 3] and ints.get("pads", [0] * 4) == [1, 1, 1, 1]
+          and ints.get("strides", [1, 1]) == [1, 1] and ints.get("dilations", [1, 1]) == [1, 1]
+          and (c["group"].i if "group" in c else 1) == 1 and "auto_pad" not in c
+          and conv.input[0] == node.output[0] and conv.input[1] in inits)
+    return conv if ok else None
+
+
+def _prune(g) -> None:
+    """Drop nodes whose outputs nobody reads (e.g. the folded Resizes and their size
+    arithmetic) and initializers no node reads."""
+    needed = {o.name for o in g.output}
+    keep = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(n.input)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    used = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(used)
+    made = {o for n in g.node for o in n.output}
+    info = [v for v in g.value_info if v.name in made]
+    del g.value_info[:]
+    g.value_info.extend(info)
