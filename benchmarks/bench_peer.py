@@ -56,6 +56,7 @@ def torch_twin(onnx_path: Path):
     mean = tuple(float(v) / 255 for v in init["mean"].ravel())
     std = tuple(float(v) / 255 for v in init["std"].ravel())
     model = build_model(cfg, mean, std).eval()
+    model.net.fold = False   # the plain U-Net a lab's own loop would run (upsample, then conv)
     order: list[torch.nn.Conv2d] = []
     hooks = [m.register_forward_hook(lambda mod, *_: order.append(mod))
              for m in model.modules() if isinstance(m, torch.nn.Conv2d)]

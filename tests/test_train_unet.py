@@ -82,3 +82,28 @@ def test_colour_and_channels_must_agree():
         build_model(UNetConfig(n_classes=3, width=4, depth=2), colour="grey")
     with pytest.raises(ValueError, match="colour must be one of"):
         build_model(UNetConfig(n_classes=3, width=4, depth=2), colour="hsv")
+
+
+def test_folded_upsampling_trains_as_the_plain_form():
+    """upsample_conv's transposed convolution gives the same output and the same gradients
+    as nearest upsampling + 3x3 convolution (fold on/off), and odd sizes fall back to it."""
+    from wsiseg_train.unet import UNet, UNetConfig, upsample_conv
+
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(n_classes=3, width=4, depth=3, norm="batch")).train()
+    x = torch.randn(2, 3, 32, 48)
+    outs, grads = [], []
+    for fold in (True, False):
+        net.fold = fold
+        net.zero_grad()
+        y = net(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in net.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    unit = net.up_convs[0]
+    small = torch.randn(1, unit[0].in_channels, 5, 7)
+    odd = upsample_conv(unit.eval(), small, torch.Size((11, 15)))
+    assert odd.shape[-2:] == (11, 15)

@@ -74,23 +74,24 @@ def _to_u8(helper, tensor_proto, name: str, out: str) -> list:
 # Nearest-neighbour x2 upsampling followed by a 3 x 3 convolution (padding 1) is a transposed
 # convolution of the low-resolution input (kernel 4, stride 2, padding 1): along each axis the
 # output pixel 2i takes low-resolution rows i - 1 (tap 0) and i (taps 1 + 2), pixel 2i + 1 rows
-# i (taps 0 + 1) and i + 1 (tap 2). FOLD maps the 3 conv taps to the 4 transposed-conv taps.
-_FOLD = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+# i (taps 0 + 1) and i + 1 (tap 2). FOLD_TAPS maps the 3 conv taps to the 4 transposed-conv
+# taps (training/unet.py folds with it too).
+FOLD_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 
 
 def fold_weight(w):
     """Conv weight ``[out, in, 3, 3]`` -> ConvTranspose weight ``[in, out, 4, 4]``."""
     import numpy as np
 
-    a = np.asarray(_FOLD, dtype=np.float64)
+    a = np.asarray(FOLD_TAPS, dtype=np.float64)
     return np.einsum("ks,oist,lt->iokl", a, w.astype(np.float64), a).astype(w.dtype)
 
 
 def unfold_weight(wt):
-    """Inverse of :func:`fold_weight` (the fold is injective: ``_FOLD`` has rank 3)."""
+    """Inverse of :func:`fold_weight` (the fold is injective: ``FOLD_TAPS`` has rank 3)."""
     import numpy as np
 
-    p = np.linalg.pinv(np.asarray(_FOLD, dtype=np.float64))
+    p = np.linalg.pinv(np.asarray(FOLD_TAPS, dtype=np.float64))
     return np.einsum("sk,iokl,tl->oist", p, wt.astype(np.float64), p).astype(wt.dtype)
 
 
