@@ -117,3 +117,8 @@ def test_fold_command(unfolded, tmp_path):
     assert r.exit_code == 2 and "already folded" in r.output
     assert not again.exists() and sorted(p.name for p in tmp_path.iterdir()) == \
         ["folded.onnx", "m.onnx"]
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    r = CliRunner().invoke(main, ["fold", str(bad), "-o", str(again)])
+    assert r.exit_code == 2 and "not a model ONNX Runtime can load" in r.output
+    assert not again.exists()

@@ -161,6 +161,10 @@ def fold_model(model: str | Path, out: str | Path, *, tolerance: float = 1e-3) -
     from wsiseg.engine import ModelError, load_model
 
     model, out = Path(model), Path(out)
+    try:
+        before = load_model(model, device="cpu")
+    except ModelError as e:
+        raise ValueError(str(e)) from None
     proto = onnx.load(str(model))
     n = fold_upsampling(proto)
     if n == 0:
@@ -171,7 +175,7 @@ def fold_model(model: str | Path, out: str | Path, *, tolerance: float = 1e-3) -
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
         try:
-            before, after = load_model(model, device="cpu"), load_model(tmp, device="cpu")
+            after = load_model(tmp, device="cpu")
         except ModelError as e:
             raise ExportError(f"the folded model fails the engine's checks: {e}") from None
         m = after.contract.size_multiple
