@@ -122,3 +122,35 @@ def test_fold_command(unfolded, tmp_path):
     r = CliRunner().invoke(main, ["fold", str(bad), "-o", str(again)])
     assert r.exit_code == 2 and "not a model ONNX Runtime can load" in r.output
     assert not again.exists()
+
+
+def _resize_conv(scale: float):
+    """X -> Resize(nearest, asymmetric, floor, constant scales) -> 3x3 Conv -> Y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(3, 2, 3, 3)).astype(np.float32)
+    b = rng.normal(size=(3,)).astype(np.float32)
+    scales = np.array([1, 1, scale, scale], np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Resize", ["x", "", "scales"], ["up"], mode="nearest",
+                          coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+         helper.make_node("Conv", ["up", "w", "b"], ["y"], kernel_shape=[3, 3],
+                          pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"),
+         numpy_helper.from_array(scales, "scales")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_only_doubling_constant_scales_are_folded():
+    x = np.random.default_rng(3).normal(size=(1, 2, 6, 5)).astype(np.float32)
+    four = _resize_conv(4.0)
+    assert fold_upsampling(four) == 0
+    two = _resize_conv(2.0)
+    want = _ort(two, x)
+    assert fold_upsampling(two) == 1 and _ops(two) == {"ConvTranspose": 1}
+    got = _ort(two, x)
+    assert got.shape == want.shape == (1, 3, 12, 10)
+    np.testing.assert_allclose(got, want, atol=1e-5)

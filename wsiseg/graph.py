@@ -110,9 +110,10 @@ def fold_upsampling(proto) -> int:
         for name in n.input:
             readers.setdefault(name, []).append(n)
     inits = {t.name: k for k, t in enumerate(g.initializer)}
+    tensors = {t.name: t for t in g.initializer}
     folded = 0
     for node in list(g.node):
-        conv = _upsample_conv(node, readers, inits)
+        conv = _upsample_conv(node, readers, tensors)
         if conv is None:
             continue
         w = numpy_helper.to_array(g.initializer[inits[conv.input[1]]])
@@ -129,7 +130,7 @@ def fold_upsampling(proto) -> int:
     return folded
 
 
-def _upsample_conv(node, readers: dict, inits: dict):
+def _upsample_conv(node, readers: dict, inits: dict):  # inits: name -> initializer
     """The 3 x 3 convolution that alone reads ``node``'s output, when ``node`` is a x2-able
     nearest-neighbour Resize (asymmetric coordinates, floor) and the pair can be folded."""
     if node.op_type != "Resize":
@@ -141,6 +142,12 @@ def _upsample_conv(node, readers: dict, inits: dict):
 
     if (s("mode", "nearest"), s("coordinate_transformation_mode", "half_pixel"),
             s("nearest_mode", "round_prefer_floor")) != ("nearest", "asymmetric", "floor"):
+        return None
+    # x2 only: constant scales must be (1, 1, 2, 2) and constant sizes cannot be; sizes taken
+    # from the skip tensor's shape double under the size multiple (export and `fold` check it)
+    ins = list(node.input) + [""] * 4
+    if ins[3] in inits or (ins[2] and (ins[2] not in inits or
+                                       _values(inits[ins[2]]) != [1.0, 1.0, 2.0, 2.0])):
         return None
     users = readers.get(node.output[0], [])
     if len(users) != 1 or users[0].op_type != "Conv":
@@ -154,6 +161,12 @@ def _upsample_conv(node, readers: dict, inits: dict):
           and (c["group"].i if "group" in c else 1) == 1 and "auto_pad" not in c
           and conv.input[0] == node.output[0] and conv.input[1] in inits)
     return conv if ok else None
+
+
+def _values(tensor) -> list[float]:
+    from onnx import numpy_helper
+
+    return [float(v) for v in numpy_helper.to_array(tensor).ravel()]
 
 
 def _prune(g) -> None:
