@@ -40,15 +40,14 @@ def torch_twin(onnx_path: Path):
     """training/unet.py's model with the ONNX file's weights; (model, contract)."""
     import onnx
     import torch
-    from onnx import numpy_helper
     from wsiseg_train.unet import UNetConfig, build_model
 
     from wsiseg.contract import from_metadata
-    from wsiseg.graph import unfold_weight
+    from wsiseg.graph import unfolded_initializers
 
     proto = onnx.load(str(onnx_path))
     contract = from_metadata({p.key: p.value for p in proto.metadata_props})
-    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    init = unfolded_initializers(proto.graph)   # folded decoder weights back to 3 x 3
     convs = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     training = contract.training.get("model", {})
     cfg = UNetConfig(n_classes=contract.n_classes, width=int(training.get("width", 16)),
@@ -69,8 +68,6 @@ def torch_twin(onnx_path: Path):
     with torch.no_grad():
         for conv, node in zip(order, convs):
             w, b = np.array(init[node.input[1]]), np.array(init[node.input[2]])
-            if node.op_type == "ConvTranspose":  # a folded upsampling + 3 x 3 convolution
-                w = unfold_weight(w)
             if tuple(conv.weight.shape) != w.shape:
                 raise SystemExit(f"{node.name}: ONNX weight {w.shape} vs torch "
                                  f"{tuple(conv.weight.shape)}")

@@ -154,8 +154,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, tolerance: float = 1
 
 def fold_model(model: str | Path, out: str | Path, *, tolerance: float = 1e-3) -> dict:
     """Write ``model`` with its upsampling + convolution pairs folded (metadata kept) to
-    ``out``, after running both through the engine on random input of two sizes; ExportError
-    when they differ by more than ``tolerance`` or there is nothing to fold."""
+    ``out``, after running both through the engine on random input of two sizes; ValueError
+    when ``model`` is not a model or has nothing to fold, ExportError when the two differ by
+    more than ``tolerance``."""
     import onnx
 
     from wsiseg.engine import ModelError, load_model

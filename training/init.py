@@ -35,15 +35,11 @@ def load_onnx_weights(model: nn.Module, path: str | Path) -> None:
     """Copy an exported model's weights into ``model`` (a ``build_model`` wrapper whose
     ``.net`` is the U-Net); ValueError when the architectures differ."""
     import onnx
-    from onnx import numpy_helper
 
-    from wsiseg.graph import unfold_weight
+    from wsiseg.graph import unfolded_initializers
 
-    graph = onnx.load(str(path)).graph
-    # Folded upsampling + convolutions (wsiseg.graph.fold_upsampling) back to 3 x 3 weights.
-    transposed = {n.input[1] for n in graph.node if n.op_type == "ConvTranspose"}
-    inits = [(i.name, unfold_weight(numpy_helper.to_array(i)) if i.name in transposed
-              else numpy_helper.to_array(i)) for i in graph.initializer if i.name not in SKIP]
+    inits = [(k, a) for k, a in unfolded_initializers(onnx.load(str(path)).graph).items()
+             if k not in SKIP]
     named = dict(inits)
     net: UNet = model.net  # type: ignore[assignment]
     params = dict(model.named_parameters())

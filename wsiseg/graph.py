@@ -95,6 +95,16 @@ def unfold_weight(wt):
     return np.einsum("sk,iokl,tl->oist", p, wt.astype(np.float64), p).astype(wt.dtype)
 
 
+def unfolded_initializers(graph) -> dict:
+    """The graph's initializers as numpy arrays, in graph order, with the weights of folded
+    upsampling + convolutions (transposed convolutions) back in their 3 x 3 form."""
+    from onnx import numpy_helper
+
+    transposed = {n.input[1] for n in graph.node if n.op_type == "ConvTranspose"}
+    return {t.name: unfold_weight(numpy_helper.to_array(t)) if t.name in transposed
+            else numpy_helper.to_array(t) for t in graph.initializer}
+
+
 def fold_upsampling(proto) -> int:
     """Rewrite, in place, every nearest-neighbour upsampling whose only reader is a 3 x 3
     convolution (stride 1, padding 1) as one transposed convolution of the low-resolution
@@ -109,16 +119,15 @@ def fold_upsampling(proto) -> int:
     for n in g.node:
         for name in n.input:
             readers.setdefault(name, []).append(n)
-    inits = {t.name: k for k, t in enumerate(g.initializer)}
-    tensors = {t.name: t for t in g.initializer}
+    tensors = {t.name: t for t in g.initializer}   # the graph's own messages, edited in place
     folded = 0
     for node in list(g.node):
         conv = _upsample_conv(node, readers, tensors)
         if conv is None:
             continue
-        w = numpy_helper.to_array(g.initializer[inits[conv.input[1]]])
-        g.initializer[inits[conv.input[1]]].CopyFrom(
-            numpy_helper.from_array(fold_weight(w), conv.input[1]))
+        weight = tensors[conv.input[1]]
+        weight.CopyFrom(numpy_helper.from_array(fold_weight(numpy_helper.to_array(weight)),
+                                                weight.name))
         new = helper.make_node("ConvTranspose", [node.input[0], *conv.input[1:]],
                                list(conv.output), name=conv.name, kernel_shape=[4, 4],
                                strides=[2, 2], pads=[1, 1, 1, 1])
