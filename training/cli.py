@@ -317,3 +317,40 @@ def calibrate_qc(model: Path, config: Path, output: Path | None,
     path = _run(write_qc, model, qc, output)
     click.echo(f"wrote {path}", err=True)
     click.echo(json.dumps(qc))
+
+
+@main.command("calibrate-offsets")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Calibrated model to write (may be MODEL itself).")
+@click.option("--split", default="train", show_default=True,
+              help="Which rows of the config's pair sets to fit on (keep val for checking).")
+@click.option("--fixed", multiple=True, metavar="CLASS",
+              help="A class whose logit keeps offset 0 (repeatable; default: the contract's "
+                   "tumour and stroma classes, so the tumour-stroma line stays the network's).")
+@click.option("--stride", type=click.IntRange(1), default=4, show_default=True,
+              help="Use every n-th labelled pixel.")
+@click.option("--version", "version", default=None,
+              help="Model version to write into the contract (default: unchanged).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config key (repeatable).")
+def calibrate_offsets(model: Path, config: Path, output: Path, split: str,
+                      fixed: tuple[str, ...], stride: int, version: str | None,
+                      overrides: tuple[str, ...]) -> None:
+    """Fit per-class logit offsets of the ONNX MODEL on CONFIG's labelled pairs (maximum mean
+    Dice) and write them into its output bias (training/offsets.py). Run calibrate-qc and
+    make the int8 twin again afterwards: both depend on the logits."""
+    from .offsets import calibrate_offsets as fit
+    from .sets import load_set
+
+    if not model.is_file():
+        _fail(f"model {model} not found", 2)
+    cfg = _run(load_config, config, list(overrides))
+    items = [it for s in cfg.data.sets if s.kind == "pairs"
+             for it in _run(load_set, s, cfg, split)]
+    result = _run(fit, model, items, list(cfg.model.classes), output,
+                  fixed=list(fixed) or None, stride=stride, split=split, version=version)
+    click.echo(f"wrote {output}: mean Dice on {split} {result['mean_dice_before']:.3f} -> "
+               f"{result['mean_dice_after']:.3f}", err=True)
+    click.echo(json.dumps(result))
