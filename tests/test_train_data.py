@@ -170,3 +170,25 @@ def test_a_mapping_can_ask_for_the_image(tmp_path):
     (item,) = load_pairs(index, by_brightness)
     assert set(np.unique(item.labels)) <= {1, 2}
     assert np.array_equal(item.labels == 1, item.image.mean(axis=2) > 150)
+
+
+def test_teacher_flags_only_whole_context_patches_of_teacher_sets():
+    a = np.ones((40, 40), np.uint8)
+    taught = dataclasses.replace(_item(a), teacher=True)
+    def sampler(items, **kw):
+        return Sampler(items, patch_px=16, jitter_px=0, sparse_dense_ratio=1.0,
+                       class_weights=None, augment_cfg=None, rng=np.random.default_rng(0), **kw)
+    _, _, teach = sampler([taught]).batch_with_teacher(6, np.random.default_rng(1))
+    assert teach.tolist() == [True] * 6
+    _, _, teach = sampler([_item(a)]).batch_with_teacher(6, np.random.default_rng(1))
+    assert not teach.any()
+    _, _, teach = sampler([taught], island_p=1.0, island_px=(8, 12),
+                          background=1).batch_with_teacher(6, np.random.default_rng(1))
+    assert not teach.any()
+    _, _, teach = sampler([taught], mosaic_p=0.5).batch_with_teacher(400, np.random.default_rng(1))
+    assert 0.4 < teach.mean() < 0.6
+    # the flags draw no random numbers: batch() gives the same patches as before
+    s = sampler([taught], mosaic_p=0.5)
+    x1, y1 = s.batch(5, np.random.default_rng(7))
+    x2, y2, _ = s.batch_with_teacher(5, np.random.default_rng(7))
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)

@@ -189,3 +189,44 @@ def test_ema_out_of_range_is_a_config_error(config):
     from wsiseg_train.config import ConfigError
     with pytest.raises(ConfigError, match="train.ema must be in"):
         load_config(config, ["train.ema=1.0"])
+
+
+def test_teacher_loss_is_the_soft_cross_entropy_with_no_pull_at_agreement():
+    from wsiseg_train.train import teacher_loss
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    loss = teacher_loss(logits, logits.detach())
+    p = logits.detach().softmax(1)
+    assert float(loss.detach()) == pytest.approx(float(-(p * p.log()).sum(1).mean()), rel=1e-5)
+    loss.backward()
+    assert float(logits.grad.abs().max()) < 1e-6     # the student already says what it is told
+    other = torch.zeros(2, 3, 4, 4)
+    other[:, 0] = 10.0                               # the teacher: class 0 everywhere
+    logits.grad = None
+    teacher_loss(logits, other).backward()
+    assert float(logits.grad[:, 0].max()) < 0        # pushes class 0 up everywhere
+
+
+def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
+    from wsiseg_train.config import ConfigError
+    run, _ = full_run
+    text = config.read_text().replace('kind = "pairs"', 'kind = "pairs"\nteacher = true')
+    taught = tmp_path / "taught.toml"
+    taught.write_text(text.replace("[train]", f'[train]\nteacher = "{run / "best.pt"}"'))
+    state = train(load_config(taught), tmp_path / "t")
+    ref = load_checkpoint(run / "last.pt")
+    got = load_checkpoint(tmp_path / "t" / "last.pt")
+    assert state["epoch"] == 2
+    # same batches, other targets: the weights differ from the labelled run's
+    assert any(not torch.equal(got["model"][k], ref["model"][k]) for k in ref["model"]
+               if ref["model"][k].dtype.is_floating_point)
+    # half a teacher is refused: the sets without train.teacher, and train.teacher alone
+    (tmp_path / "a.toml").write_text(text)
+    with pytest.raises(ConfigError, match="a teacher needs both"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "b.toml").write_text(
+        config.read_text().replace("[train]", f'[train]\nteacher = "{run / "best.pt"}"'))
+    with pytest.raises(ConfigError, match="a teacher needs both"):
+        load_config(tmp_path / "b.toml")
+    (tmp_path / "c.toml").write_text(text.replace("[train]", '[train]\nteacher = "none.pt"'))
+    with pytest.raises(CheckpointError, match="train.teacher: .*none.pt not found"):
+        train(load_config(tmp_path / "c.toml"), tmp_path / "c")

@@ -83,6 +83,8 @@ class SetSection:
     limit: int = 0                       # pairs: N evenly spaced rows of each split (0 = all)
     weight: float = 1.0                  # sampling weight of this set's pixels within a class
                                          # (0.25: a quarter as likely per pixel as weight 1)
+    teacher: bool = False                # whole-context patches of this set learn the outputs
+                                         # of train.teacher instead of their labels
     # slides: [{slide=..., labels=... | annotations=..., split=..., slide_mpp=?, labels_mpp=?}]
     items: tuple[Mapping[str, Any], ...] = ()
     class_map: Mapping[str, str] = field(default_factory=dict)  # annotation class -> class
@@ -126,6 +128,10 @@ class TrainSection:
     ema: float = 0.0                     # > 0: validate, keep and export an exponential moving
                                          # average of the weights (e.g. 0.999 = about the last
                                          # 1,000 steps), not the last step's weights
+    teacher: str = ""                    # a model of the same architecture (ONNX exported by
+                                         # wsiseg-train or .pt) whose softmax the patches of sets
+                                         # with teacher = true learn (not mosaic / island ones)
+    teacher_weight: float = 1.0          # weight of that term against the labelled loss
 
 
 @dataclass(frozen=True)
@@ -198,8 +204,9 @@ def from_dict(raw: Mapping[str, Any], base_dir: Path) -> Config:
         raise ConfigError("model.classes is missing: list the class names, e.g. "
                           'classes = ["tumour", "stroma"]')
     train_raw = dict(raw.get("train", {}))
-    if isinstance(train_raw.get("init"), str):
-        train_raw["init"] = _resolve(train_raw["init"], base_dir)
+    for key in ("init", "teacher"):
+        if isinstance(train_raw.get(key), str):
+            train_raw[key] = _resolve(train_raw[key], base_dir)
     cfg = Config(model=_build(ModelSection, raw["model"], "model"),
                  data=_build(DataSection, {**data, "sets": tuple(sets)}, "data"),
                  train=_build(TrainSection, train_raw, "train"),
@@ -240,6 +247,11 @@ def check(cfg: Config) -> None:
     if not 0 <= cfg.train.ema < 1:
         raise ConfigError(f"train.ema must be in [0, 1) (0 = off, 0.999 averages about the last "
                           f"1,000 steps), got {cfg.train.ema}")
+    if any(s.teacher for s in cfg.data.sets) != bool(cfg.train.teacher):
+        raise ConfigError("a teacher needs both train.teacher = \"<model>\" and teacher = true on "
+                          "the data sets whose patches learn its outputs")
+    if not cfg.train.teacher_weight > 0:
+        raise ConfigError(f"train.teacher_weight must be > 0, got {cfg.train.teacher_weight}")
     m = 2 ** (cfg.model.depth - 1)
     if cfg.data.patch_px % m:
         raise ConfigError(f"data.patch_px {cfg.data.patch_px} must be a multiple of {m} for "

@@ -47,6 +47,7 @@ class Item:
     slide: Slide | None = None           # the open slide (slides)
     plan: ReadPlan | None = None         # how the slide is read at the model mpp (slides)
     weight: float = 1.0                  # sampling weight per annotated pixel (its set's)
+    teacher: bool = False                # whole-context patches learn train.teacher's outputs
 
 
 def threshold_mapping(threshold: int, foreground: str | Callable[[Mapping[str, str]], int],

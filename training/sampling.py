@@ -144,9 +144,18 @@ class Sampler:
 
     def batch(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """``images [n, 3, P, P]`` uint8 and ``labels [n, P, P]`` uint8."""
-        images, labels = [], []
+        images, labels, _ = self.batch_with_teacher(n, rng)
+        return images, labels
+
+    def batch_with_teacher(self, n: int, rng: np.random.Generator
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`batch` and ``teach [n]`` bool: patches of a teacher set in their whole
+        context (neither mosaic nor island), whose targets are the teacher's outputs."""
+        images, labels, teach = [], [], []
         for _, item, row, col in self.centers(n, rng):
+            plain = True
             if self.mosaic_p and rng.random() < self.mosaic_p:
+                plain = False
                 half = self.patch_px // 2
                 others = [(it, r, c) for _, it, r, c in self.centers(3, rng)]
                 img, lab = mosaic([extract(it, r, c, half)
@@ -156,11 +165,13 @@ class Sampler:
             if self.augment_cfg is not None:
                 img, lab = augment(img, lab, self.augment_cfg, rng)
             if self.island_p and rng.random() < self.island_p:  # glass is not colour-augmented
+                plain = False
                 side = int(rng.integers(self.island_px[0], self.island_px[1] + 1))
                 img, lab = island(img, lab, side, self.background, rng)
             images.append(img.transpose(2, 0, 1))
             labels.append(lab)
-        return np.stack(images), np.stack(labels)
+            teach.append(plain and item.teacher)
+        return np.stack(images), np.stack(labels), np.array(teach, bool)
 
 
 def validation_set(items: list[Item], *, patch_px: int, n_patches: int,

@@ -42,8 +42,8 @@ def pair_mapping(s: SetSection, values: dict[str, int]):
 
 def load_set(s: SetSection, cfg: Config, split: str) -> list[Item]:
     items = _load_set(s, cfg, split)
-    if s.weight != 1.0:
-        items = [dataclasses.replace(it, weight=s.weight) for it in items]
+    if s.weight != 1.0 or s.teacher:
+        items = [dataclasses.replace(it, weight=s.weight, teacher=s.teacher) for it in items]
     return items
 
 

@@ -49,20 +49,42 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def start_from(model: torch.nn.Module, cfg: Config) -> None:
-    """Initial weights from ``train.init`` (an exported ONNX model or a checkpoint)."""
-    path = Path(cfg.train.init)
+def _load_into(model: torch.nn.Module, cfg: Config, source: str, key: str) -> Path:
+    """Weights from ``source`` (an exported ONNX model or a checkpoint) into ``model``."""
+    path = Path(source)
     if not path.is_file():
-        raise CheckpointError(f"train.init: {path} not found; give an ONNX model exported by "
+        raise CheckpointError(f"train.{key}: {path} not found; give an ONNX model exported by "
                               "wsiseg-train or a .pt checkpoint")
     if path.suffix == ".onnx":
         try:
             load_onnx_weights(model, path)
         except ValueError as e:
-            raise CheckpointError(f"train.init: {e}") from None
+            raise CheckpointError(f"train.{key}: {e}") from None
     else:
         load_weights(model, load_checkpoint(path)["model"], cfg)
-    log.info("starting from the weights of %s", path)
+    return path
+
+
+def start_from(model: torch.nn.Module, cfg: Config) -> None:
+    """Initial weights from ``train.init`` (an exported ONNX model or a checkpoint)."""
+    log.info("starting from the weights of %s", _load_into(model, cfg, cfg.train.init, "init"))
+
+
+def make_teacher(cfg: Config, device: torch.device) -> torch.nn.Module | None:
+    """The frozen ``train.teacher`` (same architecture, evaluation mode), or None."""
+    if not cfg.train.teacher:
+        return None
+    teacher = make_model(cfg)
+    log.info("teacher: %s", _load_into(teacher, cfg, cfg.train.teacher, "teacher"))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the model's softmax against the teacher's, averaged over pixels."""
+    target = teacher_logits.float().softmax(dim=1)
+    return -(target * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
 
 
 def check_resumable(saved: Config, cfg: Config) -> None:
@@ -166,20 +188,32 @@ def make_sampler(cfg: Config, items: list[Item]) -> Sampler:
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler,
                 rng: np.random.Generator, cfg: Config, device: torch.device,
-                ema: torch.nn.Module | None = None, first_step: int = 0) -> list[float]:
+                ema: torch.nn.Module | None = None, first_step: int = 0,
+                teacher: torch.nn.Module | None = None) -> list[float]:
     """``train.iterations`` optimiser steps (each followed by the average's step when ``ema``
-    is given); returns their losses."""
+    is given); returns their losses. With a ``teacher``, the whole-context patches of teacher
+    sets drop their labels and learn the teacher's softmax instead (``train.teacher_weight``
+    times that cross-entropy is added to the labelled loss of the other patches)."""
     model.train()
     if cfg.train.freeze_norm:
         freeze_norm_statistics(model)
     amp = device.type == "cuda" and cfg.train.amp
     losses = []
     for i in range(cfg.train.iterations):
-        images, labels = sampler.batch(cfg.train.batch_size, rng)
+        if teacher is None:
+            images, labels = sampler.batch(cfg.train.batch_size, rng)
+        else:
+            images, labels, teach = sampler.batch_with_teacher(cfg.train.batch_size, rng)
+            labels[teach] = 0
         x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)
         loss = sparse_loss(logits.float(), y, cfg.train.weighting)
+        if teacher is not None and teach.any():
+            idx = torch.from_numpy(np.flatnonzero(teach)).to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                target = teacher(x[idx])
+            loss = loss + cfg.train.teacher_weight * teacher_loss(logits[idx], target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -246,6 +280,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
     rng = np.random.default_rng(cfg.train.seed)
     ema = make_ema(model, cfg)
     state = _restore(run_dir, cfg, resume, model, optimizer, rng, ema)
+    teacher = make_teacher(cfg, device)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     with build_data(cfg) as data:
@@ -257,7 +292,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False) -> dict[str
         while state["epoch"] < cfg.train.epochs:
             t0 = time.perf_counter()
             losses = train_epoch(model, optimizer, sampler, rng, cfg, device, ema,
-                                 state["epoch"] * cfg.train.iterations)
+                                 state["epoch"] * cfg.train.iterations, teacher)
             seconds = time.perf_counter() - t0
             val = validate(ema if ema is not None else model, val_x, val_y, cfg, device,
                            cfg.train.batch_size)
