@@ -192,3 +192,19 @@ def test_teacher_flags_only_whole_context_patches_of_teacher_sets():
     x1, y1 = s.batch(5, np.random.default_rng(7))
     x2, y2, _ = s.batch_with_teacher(5, np.random.default_rng(7))
     assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+
+
+def test_set_overrides_reach_every_set_or_one(tmp_path):
+    index = write_pairs(tmp_path / "p", n_train=2, n_val=1)
+    text = tiny_config_text(index)
+    two = text.replace("[train]", "[[data.sets]]\n" + text.split("[[data.sets]]\n")[1]
+                       .split("[train]")[0] + "[train]")
+    (tmp_path / "two.toml").write_text(two)
+    cfg = load_config(tmp_path / "two.toml", ["data.sets.1.weight=0.5"])
+    assert [s.weight for s in cfg.data.sets] == [1.0, 0.5]
+    cfg = load_config(tmp_path / "two.toml", ["data.sets.weight=0.5"])
+    assert [s.weight for s in cfg.data.sets] == [0.5, 0.5]
+    with pytest.raises(ConfigError, match="the config has 2 data sets"):
+        load_config(tmp_path / "two.toml", ["data.sets.2.weight=0.5"])
+    with pytest.raises(ConfigError, match="data.sets.N.key=value"):
+        load_config(tmp_path / "two.toml", ["data.sets.x.weight=0.5"])

@@ -261,15 +261,19 @@ def check(cfg: Config) -> None:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``section.key=value`` (value in TOML syntax; bare words are strings).
 
-    ``data.sets.key=value`` sets ``key`` in every ``[[data.sets]]``.
+    ``data.sets.key=value`` sets ``key`` in every ``[[data.sets]]``, ``data.sets.N.key=value``
+    in the N-th (from 0) only.
     """
     raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     for item in overrides:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or not (len(parts) == 2 or parts[:2] == ["data", "sets"] and len(parts) == 3):
+        one_set = len(parts) == 4 and parts[:2] == ["data", "sets"] and parts[2].isdigit()
+        if not sep or not (len(parts) == 2 or parts[:2] == ["data", "sets"] and len(parts) == 3
+                           or one_set):
             raise ConfigError(f"--set {item!r}: write section.key=value, e.g. train.lr=1e-4, "
-                              "or data.sets.key=value for every set")
+                              "data.sets.key=value for every set or data.sets.N.key=value for "
+                              "the N-th (from 0)")
         try:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
@@ -277,7 +281,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         section = raw.setdefault(parts[0], {})
         if not isinstance(section, dict):
             raise ConfigError(f"--set {item!r}: [{parts[0]}] is not a table")
-        if len(parts) == 3:
+        if one_set:
+            sets, n = list(section.get("sets", [])), int(parts[2])
+            if n >= len(sets):
+                raise ConfigError(f"--set {item!r}: the config has {len(sets)} data sets "
+                                  f"(0 to {len(sets) - 1})")
+            sets[n] = {**sets[n], parts[3]: value}
+            section["sets"] = sets
+        elif len(parts) == 3:
             section["sets"] = [{**s, parts[2]: value} for s in section.get("sets", [])]
         else:
             section[parts[1]] = value
