@@ -230,3 +230,21 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
     (tmp_path / "c.toml").write_text(text.replace("[train]", '[train]\nteacher = "none.pt"'))
     with pytest.raises(CheckpointError, match="train.teacher: .*none.pt not found"):
         train(load_config(tmp_path / "c.toml"), tmp_path / "c")
+
+
+def test_last_checkpoint_of_an_averaged_run_exports_and_starts_from_the_average(config, tmp_path):
+    from wsiseg_train.model import model_from_checkpoint, weights_of
+    from wsiseg_train.train import start_from
+    train(load_config(config, ["train.ema=0.9", "train.epochs=1"]), tmp_path / "r")
+    last = load_checkpoint(tmp_path / "r" / "last.pt")
+    assert weights_of(last) is last["ema"]
+    _, model = model_from_checkpoint(last)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, last["ema"][k]), k
+    cfg = load_config(config, [f'train.init="{tmp_path / "r" / "last.pt"}"'])
+    fresh = make_model(cfg)
+    start_from(fresh, cfg)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, last["ema"][k]), k
+    plain = {"model": last["model"], "config": last["config"]}
+    assert weights_of(plain) is last["model"]

@@ -37,10 +37,17 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], cfg: Config) -> 
             "with, or start a new run folder") from None
 
 
+def weights_of(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The weights a checkpoint stands for: the moving average where it holds one (``last.pt``
+    of a run with ``train.ema``: the average is what was validated; ``best.pt`` holds it as its
+    weights already), else its weights."""
+    return ckpt.get("ema", ckpt["model"])
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[Config, torch.nn.Module]:
     """The config a checkpoint (as read by :func:`.checkpoint.load`) was trained with, and its
-    U-Net with the checkpoint's weights."""
+    U-Net with the checkpoint's weights (:func:`weights_of`)."""
     cfg = config_from_saved(ckpt["config"])
     model = make_model(cfg)
-    load_weights(model, ckpt["model"], cfg)
+    load_weights(model, weights_of(ckpt), cfg)
     return cfg, model

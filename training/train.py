@@ -30,7 +30,7 @@ from .data import Item
 from .init import freeze_norm_statistics, load_onnx_weights
 from .losses import sparse_loss
 from .metrics import dice_counts, dice_scores, write_log
-from .model import load_weights, make_model
+from .model import load_weights, make_model, weights_of
 from .sampling import Sampler, validation_set
 from .sets import build_data, class_values
 from .unet import count_parameters
@@ -61,7 +61,7 @@ def _load_into(model: torch.nn.Module, cfg: Config, source: str, key: str) -> Pa
         except ValueError as e:
             raise CheckpointError(f"train.{key}: {e}") from None
     else:
-        load_weights(model, load_checkpoint(path)["model"], cfg)
+        load_weights(model, weights_of(load_checkpoint(path)), cfg)
     return path
 
 
