@@ -29,22 +29,21 @@ import numpy as np
 
 from .data import Item
 from .evaluate import pad_to_multiple
+from .metrics import dice_counts, dice_scores
 from .onnx_meta import save_with_metadata
 
 GRID = tuple(np.round(np.arange(-3.0, 3.0001, 0.25), 2))
 ROUNDS = 3
 
 
-def collect_logits(model_path: str | Path, items: Sequence[Item], class_names: Sequence[str],
+def collect_logits(model: Any, items: Sequence[Item], class_names: Sequence[str],
                    stride: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """``(logits [P, C] float32, labels [P])``: every ``stride``-th labelled pixel of ``items``
-    through the engine; labels are the model's class values 1..C (0 where the reference's class
-    is not one of the model's: those pixels are dropped)."""
-    from wsiseg.engine import load_model
-
+    through the engine ``model`` (:func:`wsiseg.engine.load_model`, host head); labels are the
+    model's class values 1..C (0 where the reference's class is not one of the model's: those
+    pixels are dropped)."""
     if stride < 1:
         raise ValueError(f"stride must be at least 1, got {stride}")
-    model = load_model(model_path, device="cpu", head="host")
     c = model.contract
     # reference label value -> model class value (0 = a class the model does not have)
     to_model = np.zeros(len(class_names) + 1, np.uint8)
@@ -70,16 +69,10 @@ def collect_logits(model_path: str | Path, items: Sequence[Item], class_names: S
 def mean_dice(logits: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> tuple[float,
                                                                                     np.ndarray]:
     """Mean Dice over the classes present in ``labels`` (values 1..C) and the per-class Dice
-    (NaN for absent classes) of ``argmax(logits + offsets)``."""
-    n = logits.shape[1]
-    pred = (logits + offsets).argmax(axis=1)
-    conf = np.bincount((labels.astype(np.int64) - 1) * n + pred,
-                       minlength=n * n).reshape(n, n)
-    tp = np.diag(conf).astype(np.float64)
-    ref, called = conf.sum(axis=1), conf.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dice = np.where(ref > 0, 2 * tp / (ref + called), np.nan)
-    return float(np.nanmean(dice)), dice
+    of ``argmax(logits + offsets)`` (:mod:`.metrics`: NaN where a class is in neither)."""
+    pred = (logits + offsets).argmax(axis=1) + 1
+    per, overall = dice_scores(dice_counts(pred, labels, logits.shape[1]))
+    return overall, np.array(per)
 
 
 def fit_offsets(logits: np.ndarray, labels: np.ndarray, movable: Sequence[int],
@@ -180,7 +173,8 @@ def calibrate_offsets(model_path: str | Path, items: Sequence[Item],
     ``out`` and return what was done: offsets by class name and Dice before / after."""
     from wsiseg.engine import load_model
 
-    contract = load_model(model_path, device="cpu", head="host").contract
+    model = load_model(model_path, device="cpu", head="host")
+    contract = model.contract
     names = list(contract.class_names)
     if fixed is None:
         fixed = [*contract.tumour_classes, *contract.stroma_classes]
@@ -188,7 +182,7 @@ def calibrate_offsets(model_path: str | Path, items: Sequence[Item],
     if unknown:
         raise ValueError(f"--fixed {', '.join(unknown)}: not a class of the model "
                          f"({', '.join(names)})")
-    logits, labels = collect_logits(model_path, items, class_names, stride)
+    logits, labels = collect_logits(model, items, class_names, stride)
     movable = [k for k, n in enumerate(names) if n not in fixed]
     offsets = fit_offsets(logits, labels, movable)
     before, dice_before = mean_dice(logits, labels, np.zeros_like(offsets))
