@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from skimage.io import imsave
 from train_helpers import EBHI_INDEX, tiny_config_text, write_pairs
+from wsiseg_train.augment import AugmentConfig
 from wsiseg_train.config import ConfigError, load_config
 from wsiseg_train.data import Item, load_pairs, threshold_mapping, value_mapping
 from wsiseg_train.sampling import Sampler, class_index, extract, sample_center, validation_set
@@ -178,20 +179,54 @@ def test_teacher_flags_only_whole_context_patches_of_teacher_sets():
     def sampler(items, **kw):
         return Sampler(items, patch_px=16, jitter_px=0, sparse_dense_ratio=1.0,
                        class_weights=None, augment_cfg=None, rng=np.random.default_rng(0), **kw)
-    _, _, teach = sampler([taught]).batch_with_teacher(6, np.random.default_rng(1))
+    _, _, teach, _ = sampler([taught]).batch_with_teacher(6, np.random.default_rng(1))
     assert teach.tolist() == [True] * 6
-    _, _, teach = sampler([_item(a)]).batch_with_teacher(6, np.random.default_rng(1))
+    _, _, teach, _ = sampler([_item(a)]).batch_with_teacher(6, np.random.default_rng(1))
     assert not teach.any()
-    _, _, teach = sampler([taught], island_p=1.0, island_px=(8, 12),
-                          background=1).batch_with_teacher(6, np.random.default_rng(1))
+    _, _, teach, _ = sampler([taught], island_p=1.0, island_px=(8, 12),
+                             background=1).batch_with_teacher(6, np.random.default_rng(1))
     assert not teach.any()
-    _, _, teach = sampler([taught], mosaic_p=0.5).batch_with_teacher(400, np.random.default_rng(1))
+    _, _, teach, _ = sampler([taught], mosaic_p=0.5).batch_with_teacher(
+        400, np.random.default_rng(1))
     assert 0.4 < teach.mean() < 0.6
     # the flags draw no random numbers: batch() gives the same patches as before
     s = sampler([taught], mosaic_p=0.5)
     x1, y1 = s.batch(5, np.random.default_rng(7))
-    x2, y2, _ = s.batch_with_teacher(5, np.random.default_rng(7))
-    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    x2, y2, _, shown = s.batch_with_teacher(5, np.random.default_rng(7))
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and np.array_equal(shown, x1)
+
+
+def test_teacher_can_be_shown_the_patch_before_its_colour_augmentation():
+    rng = np.random.default_rng(0)
+    image = rng.integers(40, 220, (48, 48, 3), dtype=np.uint8)
+    labels = np.zeros((48, 48), np.uint8)            # centres >= 8 px inside: no padding
+    labels[8:40, 8:24] = 1
+    labels[8:40, 24:40] = 2
+    plain = Item(image=image, labels=labels, annotation="dense", name="a")
+    taught = dataclasses.replace(plain, name="b", teacher=True)
+    strong = AugmentConfig(elastic=False, rotate=False, blur=False, probability=1.0, lab=True,
+                           lab_probability=1.0, lab_a_target=(10.0, 10.0),
+                           lab_b_target=(30.0, 30.0))
+    def sampler(items, original):
+        return Sampler(items, patch_px=16, jitter_px=0, sparse_dense_ratio=1.0,
+                       class_weights=None, augment_cfg=strong, rng=np.random.default_rng(0),
+                       teacher_original_colour=original)
+    same = sampler([taught], False).batch_with_teacher(8, np.random.default_rng(3))
+    orig = sampler([taught], True).batch_with_teacher(8, np.random.default_rng(3))
+    # the student's patches and labels do not depend on what the teacher is shown
+    for a, b in zip(same[:3], orig[:3]):
+        assert np.array_equal(a, b)
+    assert np.array_equal(same[3], same[0])
+    # shown to the teacher: the source pixels, only flipped / turned like the student's patch
+    assert not np.array_equal(orig[3], orig[0])
+    sources = {np.ascontiguousarray(np.rot90(p, k)[::fr, ::fc]).tobytes()
+               for c in range(33) for r in range(33) for p in [image[r:r + 16, c:c + 16]]
+               for k in range(4) for fr in (1, -1) for fc in (1, -1)}
+    for patch in orig[3]:
+        assert np.ascontiguousarray(patch.transpose(1, 2, 0)).tobytes() in sources
+    # patches of sets without a teacher show the student's own (augmented) patch
+    other = sampler([plain], True).batch_with_teacher(8, np.random.default_rng(3))
+    assert not other[2].any() and np.array_equal(other[3], other[0])
 
 
 def test_set_overrides_reach_every_set_or_one(tmp_path):

@@ -219,6 +219,14 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
     # same batches, other targets: the weights differ from the labelled run's
     assert any(not torch.equal(got["model"][k], ref["model"][k]) for k in ref["model"]
                if ref["model"][k].dtype.is_floating_point)
+    # the teacher shown the patches before their colour augmentation: other targets again
+    state = train(load_config(taught, ["train.teacher_colour=original"]), tmp_path / "o")
+    orig = load_checkpoint(tmp_path / "o" / "last.pt")
+    assert state["epoch"] == 2
+    assert any(not torch.equal(orig["model"][k], got["model"][k]) for k in got["model"]
+               if got["model"][k].dtype.is_floating_point)
+    with pytest.raises(ConfigError, match="teacher_colour must be"):
+        load_config(taught, ["train.teacher_colour=raw"])
     # half a teacher is refused: the sets without train.teacher, and train.teacher alone
     (tmp_path / "a.toml").write_text(text)
     with pytest.raises(ConfigError, match="a teacher needs both"):

@@ -132,6 +132,10 @@ class TrainSection:
                                          # wsiseg-train or .pt) whose softmax the patches of sets
                                          # with teacher = true learn (not mosaic / island ones)
     teacher_weight: float = 1.0          # weight of that term against the labelled loss
+    teacher_colour: str = "augmented"    # what the teacher is shown: the student's patch
+                                         # ("augmented") or the same patch before its colour
+                                         # augmentation ("original": the student learns the
+                                         # teacher's in-lab calls under other labs' stains)
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,9 @@ def check(cfg: Config) -> None:
                           "the data sets whose patches learn its outputs")
     if not cfg.train.teacher_weight > 0:
         raise ConfigError(f"train.teacher_weight must be > 0, got {cfg.train.teacher_weight}")
+    if cfg.train.teacher_colour not in ("augmented", "original"):
+        raise ConfigError(f"train.teacher_colour must be \"augmented\" or \"original\", got "
+                          f"{cfg.train.teacher_colour!r}")
     m = 2 ** (cfg.model.depth - 1)
     if cfg.data.patch_px % m:
         raise ConfigError(f"data.patch_px {cfg.data.patch_px} must be a multiple of {m} for "

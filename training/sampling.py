@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .augment import AugmentConfig, augment
+from .augment import AugmentConfig, geometric, photometric
 from .data import Item, read_region
 
 MAX_POINTS = 200_000  # annotated pixels kept per class and item for sampling
@@ -116,12 +116,14 @@ class Sampler:
                  sparse_dense_ratio: float, class_weights: dict[int, float] | None,
                  augment_cfg: AugmentConfig | None, rng: np.random.Generator,
                  mosaic_p: float = 0.0, island_p: float = 0.0,
-                 island_px: tuple[int, int] = (48, 112), background: int = 0) -> None:
+                 island_px: tuple[int, int] = (48, 112), background: int = 0,
+                 teacher_original_colour: bool = False) -> None:
         if not items:
             raise ValueError("no training items: check the training sets and their split")
         self.patch_px, self.jitter_px, self.augment_cfg = patch_px, jitter_px, augment_cfg
         self.mosaic_p, self.island_p, self.island_px = mosaic_p, island_p, island_px
         self.background = background
+        self.teacher_original_colour = teacher_original_colour
         self.groups = []
         for kind in ("sparse", "dense"):
             group = [it for it in items if it.annotation == kind]
@@ -144,14 +146,18 @@ class Sampler:
 
     def batch(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """``images [n, 3, P, P]`` uint8 and ``labels [n, P, P]`` uint8."""
-        images, labels, _ = self.batch_with_teacher(n, rng)
+        images, labels, _, _ = self.batch_with_teacher(n, rng)
         return images, labels
 
     def batch_with_teacher(self, n: int, rng: np.random.Generator
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`batch` and ``teach [n]`` bool: patches of a teacher set in their whole
-        context (neither mosaic nor island), whose targets are the teacher's outputs."""
-        images, labels, teach = [], [], []
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`batch`, ``teach [n]`` bool: patches of a teacher set in their whole context
+        (neither mosaic nor island), whose targets are the teacher's outputs, and the images the
+        teacher is shown: the same ones, or with ``teacher_original_colour`` each taught patch
+        before its colour augmentation (same geometry), so that the student learns the teacher's
+        calls on the training lab's colours under other stains. Either way the random draws are
+        the same."""
+        images, labels, teach, shown = [], [], [], []
         for _, item, row, col in self.centers(n, rng):
             plain = True
             if self.mosaic_p and rng.random() < self.mosaic_p:
@@ -162,8 +168,12 @@ class Sampler:
                                    for it, r, c in [(item, row, col), *others]])
             else:
                 img, lab = extract(item, row, col, self.patch_px)
+            original = img
             if self.augment_cfg is not None:
-                img, lab = augment(img, lab, self.augment_cfg, rng)
+                if img.shape[:2] != lab.shape:
+                    raise ValueError(f"image {img.shape[:2]} and labels {lab.shape} differ in size")
+                original, lab = geometric(img, lab, self.augment_cfg, rng)
+                img = photometric(original, self.augment_cfg, rng)
             if self.island_p and rng.random() < self.island_p:  # glass is not colour-augmented
                 plain = False
                 side = int(rng.integers(self.island_px[0], self.island_px[1] + 1))
@@ -171,7 +181,9 @@ class Sampler:
             images.append(img.transpose(2, 0, 1))
             labels.append(lab)
             teach.append(plain and item.teacher)
-        return np.stack(images), np.stack(labels), np.array(teach, bool)
+            shown.append((original if plain and item.teacher and self.teacher_original_colour
+                           else img).transpose(2, 0, 1))
+        return np.stack(images), np.stack(labels), np.array(teach, bool), np.stack(shown)
 
 
 def validation_set(items: list[Item], *, patch_px: int, n_patches: int,

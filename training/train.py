@@ -183,7 +183,8 @@ def make_sampler(cfg: Config, items: list[Item]) -> Sampler:
                    augment_cfg=cfg.augment, rng=np.random.default_rng(cfg.train.seed + 1),
                    mosaic_p=cfg.data.mosaic_p, island_p=cfg.data.island_p,
                    island_px=cfg.data.island_px,
-                   background=values[cfg.model.background] if cfg.model.background else 0)
+                   background=values[cfg.model.background] if cfg.model.background else 0,
+                   teacher_original_colour=cfg.train.teacher_colour == "original")
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler,
@@ -203,7 +204,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
         if teacher is None:
             images, labels = sampler.batch(cfg.train.batch_size, rng)
         else:
-            images, labels, teach = sampler.batch_with_teacher(cfg.train.batch_size, rng)
+            images, labels, teach, shown = sampler.batch_with_teacher(cfg.train.batch_size, rng)
             labels[teach] = 0
         x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -212,7 +213,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
         if teacher is not None and teach.any():
             idx = torch.from_numpy(np.flatnonzero(teach)).to(device)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                target = teacher(x[idx])
+                target = teacher(torch.from_numpy(shown[teach]).to(device))
             loss = loss + cfg.train.teacher_weight * teacher_loss(logits[idx], target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
