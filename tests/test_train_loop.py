@@ -227,6 +227,8 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
                if got["model"][k].dtype.is_floating_point)
     with pytest.raises(ConfigError, match="teacher_colour must be"):
         load_config(taught, ["train.teacher_colour=raw"])
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        load_config(config, ["train.teacher_colour=original"])
     # half a teacher is refused: the sets without train.teacher, and train.teacher alone
     (tmp_path / "a.toml").write_text(text)
     with pytest.raises(ConfigError, match="a teacher needs both"):

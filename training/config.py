@@ -259,6 +259,9 @@ def check(cfg: Config) -> None:
     if cfg.train.teacher_colour not in ("augmented", "original"):
         raise ConfigError(f"train.teacher_colour must be \"augmented\" or \"original\", got "
                           f"{cfg.train.teacher_colour!r}")
+    if cfg.train.teacher_colour == "original" and not cfg.train.teacher:
+        raise ConfigError("train.teacher_colour = \"original\" needs a teacher (train.teacher and "
+                          "teacher = true on a data set)")
     m = 2 ** (cfg.model.depth - 1)
     if cfg.data.patch_px % m:
         raise ConfigError(f"data.patch_px {cfg.data.patch_px} must be a multiple of {m} for "

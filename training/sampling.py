@@ -170,8 +170,6 @@ class Sampler:
                 img, lab = extract(item, row, col, self.patch_px)
             original = img
             if self.augment_cfg is not None:
-                if img.shape[:2] != lab.shape:
-                    raise ValueError(f"image {img.shape[:2]} and labels {lab.shape} differ in size")
                 original, lab = geometric(img, lab, self.augment_cfg, rng)
                 img = photometric(original, self.augment_cfg, rng)
             if self.island_p and rng.random() < self.island_p:  # glass is not colour-augmented
