@@ -179,9 +179,11 @@ class Sampler:
             images.append(img.transpose(2, 0, 1))
             labels.append(lab)
             teach.append(plain and item.teacher)
-            shown.append((original if plain and item.teacher and self.teacher_original_colour
-                           else img).transpose(2, 0, 1))
-        return np.stack(images), np.stack(labels), np.array(teach, bool), np.stack(shown)
+            if self.teacher_original_colour:
+                shown.append((original if plain and item.teacher else img).transpose(2, 0, 1))
+        stacked = np.stack(images)
+        return (stacked, np.stack(labels), np.array(teach, bool),
+                np.stack(shown) if self.teacher_original_colour else stacked)
 
 
 def validation_set(items: list[Item], *, patch_px: int, n_patches: int,

@@ -213,7 +213,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
         if teacher is not None and teach.any():
             idx = torch.from_numpy(np.flatnonzero(teach)).to(device)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                target = teacher(torch.from_numpy(shown[teach]).to(device))
+                target = teacher(x[idx] if shown is images
+                                 else torch.from_numpy(shown[teach]).to(device))
             loss = loss + cfg.train.teacher_weight * teacher_loss(logits[idx], target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
