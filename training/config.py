@@ -105,6 +105,11 @@ class DataSection:
     mosaic_p: float = 0.0
     island_p: float = 0.0
     island_px: tuple[int, int] = (48, 112)   # side of the kept window, uniform in [lo, hi]
+    # A share of patches with a lymphoid aggregate pasted in, packed from the small round nuclei
+    # found in the image pairs' pixels of aggregate_class and labelled with it
+    # (training/aggregates.py): sheets of lymphocytes that biopsy crops lack.
+    aggregate_p: float = 0.0
+    aggregate_class: str = ""
 
 
 @dataclass(frozen=True)
@@ -223,6 +228,7 @@ def check(cfg: Config) -> None:
     names = cfg.model.classes
     used = [*cfg.model.tumour_classes, *cfg.model.stroma_classes, *cfg.data.class_weights]
     used += [cfg.model.background] if cfg.model.background else []
+    used += [cfg.data.aggregate_class]
     for s in cfg.data.sets:
         used += [*s.foreground_map.values(), *s.values.values(), *s.class_map.values()]
         used += [n for n in (s.foreground, s.background) if n]
@@ -241,13 +247,17 @@ def check(cfg: Config) -> None:
     if cfg.model.colour not in ("rgb", "grey"):
         raise ConfigError(f"model.colour must be rgb or grey, got {cfg.model.colour!r}")
     d = cfg.data
-    for key in ("mosaic_p", "island_p"):
+    for key in ("mosaic_p", "island_p", "aggregate_p"):
         if not 0 <= getattr(d, key) <= 1:
             raise ConfigError(f"data.{key} must be a probability in [0, 1], got {getattr(d, key)}")
     if d.island_p and (len(d.island_px) != 2
                        or not 8 <= d.island_px[0] <= d.island_px[1] <= d.patch_px):
         raise ConfigError(f"data.island_px must be [low, high] with 8 <= low <= high <= "
                           f"data.patch_px ({d.patch_px}), got {list(d.island_px)}")
+    if d.aggregate_p and not d.aggregate_class:
+        raise ConfigError("data.aggregate_p needs data.aggregate_class: the stroma class whose "
+                          "immune cells are packed into aggregates and which labels them "
+                          "(e.g. \"lamina propria stroma\")")
     if not 0 <= cfg.train.ema < 1:
         raise ConfigError(f"train.ema must be in [0, 1) (0 = off, 0.999 averages about the last "
                           f"1,000 steps), got {cfg.train.ema}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .aggregates import NucleusBank, paste
 from .augment import AugmentConfig, geometric, photometric
 from .data import Item, read_region
 
@@ -117,13 +118,17 @@ class Sampler:
                  augment_cfg: AugmentConfig | None, rng: np.random.Generator,
                  mosaic_p: float = 0.0, island_p: float = 0.0,
                  island_px: tuple[int, int] = (48, 112), background: int = 0,
-                 teacher_original_colour: bool = False) -> None:
+                 teacher_original_colour: bool = False, aggregate_p: float = 0.0,
+                 aggregates: tuple[NucleusBank, int] | None = None) -> None:
         if not items:
             raise ValueError("no training items: check the training sets and their split")
         self.patch_px, self.jitter_px, self.augment_cfg = patch_px, jitter_px, augment_cfg
         self.mosaic_p, self.island_p, self.island_px = mosaic_p, island_p, island_px
         self.background = background
         self.teacher_original_colour = teacher_original_colour
+        if aggregate_p and aggregates is None:
+            raise ValueError("aggregate_p needs aggregates = (nucleus bank, class value)")
+        self.aggregate_p, self.aggregates = aggregate_p, aggregates
         self.groups = []
         for kind in ("sparse", "dense"):
             group = [it for it in items if it.annotation == kind]
@@ -152,11 +157,11 @@ class Sampler:
     def batch_with_teacher(self, n: int, rng: np.random.Generator
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`batch`, ``teach [n]`` bool: patches of a teacher set in their whole context
-        (neither mosaic nor island), whose targets are the teacher's outputs, and the images the
-        teacher is shown: the same ones, or with ``teacher_original_colour`` each taught patch
-        before its colour augmentation (same geometry), so that the student learns the teacher's
-        calls on the training lab's colours under other stains. Either way the random draws are
-        the same."""
+        (neither mosaic, island nor aggregate), whose targets are the teacher's outputs, and the
+        images the teacher is shown: the same ones, or with ``teacher_original_colour`` each
+        taught patch before its colour augmentation (same geometry), so that the student learns
+        the teacher's calls on the training lab's colours under other stains. Either way the
+        random draws are the same."""
         images, labels, teach, shown = [], [], [], []
         for _, item, row, col in self.centers(n, rng):
             plain = True
@@ -168,6 +173,9 @@ class Sampler:
                                    for it, r, c in [(item, row, col), *others]])
             else:
                 img, lab = extract(item, row, col, self.patch_px)
+            if self.aggregate_p and rng.random() < self.aggregate_p:
+                plain = False
+                img, lab = paste(img, lab, *self.aggregates, rng)
             original = img
             if self.augment_cfg is not None:
                 original, lab = geometric(img, lab, self.augment_cfg, rng)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .aggregates import NucleusBank
 from .checkpoint import FORMAT, CheckpointError
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save as save_checkpoint
@@ -175,6 +176,11 @@ def make_sampler(cfg: Config, items: list[Item]) -> Sampler:
     """Training batches; the sampler's class index gets its own generator so that it is
     identical on resume."""
     values = class_values(cfg)
+    aggregates = None
+    if cfg.data.aggregate_p:
+        value = values[cfg.data.aggregate_class]
+        aggregates = (NucleusBank.from_items(items, value, cfg.data.mpp), value)
+        log.info("lymphoid aggregates: nuclei of %d crops", len(aggregates[0]))
     return Sampler(items, patch_px=cfg.data.patch_px,
                    jitter_px=(cfg.data.jitter_px if cfg.data.jitter_px >= 0
                               else cfg.data.patch_px // 4),
@@ -184,7 +190,8 @@ def make_sampler(cfg: Config, items: list[Item]) -> Sampler:
                    mosaic_p=cfg.data.mosaic_p, island_p=cfg.data.island_p,
                    island_px=cfg.data.island_px,
                    background=values[cfg.model.background] if cfg.model.background else 0,
-                   teacher_original_colour=cfg.train.teacher_colour == "original")
+                   teacher_original_colour=cfg.train.teacher_colour == "original",
+                   aggregate_p=cfg.data.aggregate_p, aggregates=aggregates)
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampler,
