@@ -65,6 +65,37 @@ def test_evaluate_ood_command_on_real_data(shared_data, tmp_path):
     assert result["windows"]["windows"] == 8
     assert out.read_text() == markdown([result]) and len(rows(result)) >= 12
     assert "| Kather 2016: non-tumour tissue tiles called tumour |" in r.stdout
+    assert k["mpp"] == pytest.approx(0.495)
+
+
+@pytest.mark.slow
+def test_kather_mosaic_can_declare_another_spacing(shared_data, tmp_path):
+    from skimage.io import imread
+    from wsiseg_train.ood import KATHER_TYPES, kather_calls
+
+    from wsiseg.engine import load_model
+    model = load_model(ROOT / "models" / "wsiseg-ebhi-unet.onnx", device="cpu")
+    folder = shared_data / "kather-samples" / "labelled-2016"
+    types, calls, labels = kather_calls(model, folder, tmp_path, mpp=0.7)
+    assert len(types) == len(calls) == 24
+    tiles = [imread(p)[..., :3] for t in KATHER_TYPES for p in sorted((folder / t).glob("*.tif"))]
+    slide, _ = lay_out(tiles, gap_px=tiles[0].shape[0])
+    # the map is at the model's 1 um/px: 0.7 of the slide when it declares 0.7 um/px
+    # (at the tiles' own 0.495 it is half as large)
+    assert labels.shape[0] == pytest.approx(slide.shape[0] * 0.7, abs=3)
+    result = {"kather2016": {"mpp": 0.99, "non_tumour_called_tumour": 1, "non_tumour_tiles": 15,
+                             "stroma_called_stroma": 2, "stroma_tiles": 3,
+                             "tumour_called_tumour": 3, "tumour_tiles": 3}, **_other_figures()}
+    assert rows(result)[0][0] == ("Kather 2016 (laid out at 0.99 µm/px): non-tumour tissue tiles "
+                                  "called tumour")
+
+
+def _other_figures() -> dict:
+    nan = float("nan")
+    return {"ebhi_val": {"overall": 0.5, "dice": {"tumour": nan}, "epithelium_dice": 0.5},
+            "ebhi_lesion_val": {"epithelium_dice": 0.5, "stroma_called_tumour": 0.1},
+            "windows": {"window_um": 112, "flipped": 1, "windows": 2, "flip_share": 0.5,
+                        "pixel_agreement": 0.9}}
 
 
 def test_evaluate_ood_needs_the_data(tmp_path):
@@ -72,3 +103,5 @@ def test_evaluate_ood_needs_the_data(tmp_path):
     r = CliRunner().invoke(main, ["evaluate-ood", str(model), "--data", str(tmp_path)])
     assert r.exit_code == 2
     assert "--data" in r.stderr and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["evaluate-ood", str(model), "--kather-mpp", "0"])
+    assert r.exit_code == 2 and "--kather-mpp" in r.stderr

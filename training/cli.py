@@ -269,14 +269,19 @@ def experiment(config: Path, out: Path, table: Path | None, plot_path: Path | No
               help="Markdown table to write (the JSON results go beside it as .json).")
 @click.option("--limit", type=click.IntRange(min=0), default=0, show_default=True,
               help="Evenly spaced val crops per EBHI set (0 = all); for quick checks.")
-def evaluate_ood(models: tuple[Path, ...], data: Path, out: Path | None, limit: int) -> None:
+@click.option("--kather-mpp", type=click.FloatRange(min=0.05, max=16.0), default=0.495,
+              show_default=True,
+              help="Spacing (µm/px) the Kather mosaic slide declares: the tiles' own, or "
+                   "another to see how the calls change under a scanner's or a wrong scale.")
+def evaluate_ood(models: tuple[Path, ...], data: Path, out: Path | None, limit: int,
+                 kather_mpp: float) -> None:
     """Out-of-distribution check of one or more ONNX MODELS through the engine: Kather 2016
     tiles of another lab, EBHI-Seg val and lesion val, context-free windows (training/ood.py).
     Prints a Markdown table with a column per model."""
     from .ood import evaluate_ood as run_ood
     from .ood import markdown
 
-    results = [_run(run_ood, m, data, limit=limit,
+    results = [_run(run_ood, m, data, limit=limit, kather_mpp=kather_mpp,
                     progress=lambda s, m=m: click.echo(f"{m.name}: {s}", err=True))
                for m in models]
     table = markdown(results)

@@ -108,22 +108,23 @@ def centre(sl: tuple[slice, slice], fraction: float = 0.5) -> tuple[slice, slice
 
 # -- Kather 2016 ---------------------------------------------------------------------------
 
-def kather_calls(model: Model, folder: Path, workdir: Path
+def kather_calls(model: Model, folder: Path, workdir: Path, mpp: float = KATHER_MPP
                  ) -> tuple[list[str], list[str], np.ndarray]:
     """Segment the labelled Kather tiles under ``folder`` as one mosaic slide: (tissue type of
-    each tile, the model's call of each tile, the label map)."""
+    each tile, the model's call of each tile, the label map). ``mpp`` is the spacing the slide
+    declares: the tiles' own (0.495 µm/px), or another to emulate a scanner or scale error."""
     tiles = [(t, p) for t in KATHER_TYPES for p in sorted((folder / t).glob("*.tif"))]
     if not tiles:
         raise FileNotFoundError(f"no labelled Kather tiles under {folder}")
     images = [imread(p)[..., :3] for _, p in tiles]
     rgb, boxes = lay_out(images, gap_px=images[0].shape[0])
-    labels, f, names = segment_mosaic(model, rgb, mpp=KATHER_MPP, workdir=workdir, name="kather")
+    labels, f, names = segment_mosaic(model, rgb, mpp=mpp, workdir=workdir, name="kather")
     calls = [names[majority(labels[centre(b.scaled(f))], len(names)) - 1] for b in boxes]
     return [t for t, _ in tiles], calls, labels
 
 
-def kather_check(model: Model, folder: Path, workdir: Path) -> dict:
-    types, calls, _ = kather_calls(model, folder, workdir)
+def kather_check(model: Model, folder: Path, workdir: Path, mpp: float = KATHER_MPP) -> dict:
+    types, calls, _ = kather_calls(model, folder, workdir, mpp)
     names = model.contract.class_names
     confusion: dict[str, dict[str, int]] = {t: {} for t in KATHER_TYPES}
     for t, call in zip(types, calls):
@@ -132,7 +133,7 @@ def kather_check(model: Model, folder: Path, workdir: Path) -> dict:
     stroma = {n for n in names if "stroma" in n}
     non_tumour = [c for t, c in zip(types, calls) if t in NON_TUMOUR_TISSUE]
     by_type = {t: [c for tt, c in zip(types, calls) if tt == t] for t in KATHER_TYPES}
-    return {"confusion": confusion, "classes": names,
+    return {"confusion": confusion, "classes": names, "mpp": mpp,
             "non_tumour_tiles": len(non_tumour),
             "non_tumour_called_tumour": sum(c in tumour for c in non_tumour),
             "stroma_tiles": len(by_type["02_STROMA"]),
@@ -253,9 +254,10 @@ def window_check(model: Model, crops: list[Crop], in_context: list[np.ndarray],
             "flip_share": flips / len(boxes), "pixel_agreement": px_same / px_all}
 
 
-def evaluate_ood(model: str | Path, data: Path, *, limit: int = 0,
+def evaluate_ood(model: str | Path, data: Path, *, limit: int = 0, kather_mpp: float = KATHER_MPP,
                  progress: Callable[[str], None] = lambda s: None) -> dict:
-    """All three checks for ``model`` with the real data under ``data`` (``shared/data``)."""
+    """All three checks for ``model`` with the real data under ``data`` (``shared/data``);
+    ``kather_mpp``: the spacing the Kather mosaic declares (see :func:`kather_calls`)."""
     path = Path(model)
     if not path.is_file():
         raise FileNotFoundError(f"model {path} not found")
@@ -268,7 +270,7 @@ def evaluate_ood(model: str | Path, data: Path, *, limit: int = 0,
     with tempfile.TemporaryDirectory(prefix="wsiseg-ood-") as tmp:
         work = Path(tmp)
         progress("Kather 2016 tiles")
-        kather = kather_check(model, data / "kather-samples" / "labelled-2016", work)
+        kather = kather_check(model, data / "kather-samples" / "labelled-2016", work, kather_mpp)
         progress("EBHI-Seg val")
         val_crops = load_crops(ebhi / "index.csv", limit=limit)
         val, val_preds, _ = crop_check(model, val_crops, work, "ebhi-val")
@@ -294,12 +296,13 @@ def rows(result: dict) -> list[tuple[str, str, str]]:
     """(figure, value, goal) rows of one result."""
     k, v, le, w = (result["kather2016"], result["ebhi_val"], result["ebhi_lesion_val"],
                    result["windows"])
+    at = "" if k.get("mpp", KATHER_MPP) == KATHER_MPP else f" (laid out at {k['mpp']:g} µm/px)"
     out = [
-        ("Kather 2016: non-tumour tissue tiles called tumour",
+        (f"Kather 2016{at}: non-tumour tissue tiles called tumour",
          f"{k['non_tumour_called_tumour']} / {k['non_tumour_tiles']}", "≤ 2"),
-        ("Kather 2016: stroma tiles called stroma",
+        (f"Kather 2016{at}: stroma tiles called stroma",
          f"{k['stroma_called_stroma']} / {k['stroma_tiles']}", "≥ 2"),
-        ("Kather 2016: tumour tiles called tumour",
+        (f"Kather 2016{at}: tumour tiles called tumour",
          f"{k['tumour_called_tumour']} / {k['tumour_tiles']}", "high"),
         ("EBHI val: overall Dice", f"{v['overall']:.3f}", "≥ 0.85"),
     ]
