@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from wsiseg.engine import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -178,7 +178,10 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path):
     out_dir.mkdir()
     cmd = [sys.executable, "-m", "wsiseg.cli", "segment", str(slide), "-o",
            str(out_dir / "m.tif"), "--model", str(model), "--tile-px", "32", "--no-tissue-mask"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # a runner started in the background by a shell without job control ignores SIGINT, and a
+    # child inherits that (Python then installs no Ctrl-C handler): give the child the default
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".wsiseg-") for p in out_dir.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
