@@ -97,8 +97,8 @@ class NucleusBank:
 
 def aggregate(size: int, source: Source, mpp: float, rng: np.random.Generator) -> np.ndarray:
     """A ``size`` x ``size`` RGB uint8 sheet of ``source``'s nuclei."""
-    w = rng.uniform(0.2, 0.9)
-    base = source.stroma * (1 - w) + source.light * w
+    pale = rng.uniform(0.2, 0.9)
+    base = source.stroma * (1 - pale) + source.light * pale
     canvas = base + rng.normal(0, 6, (size, size, 3))
     canvas = filters.gaussian(canvas, 1.0, channel_axis=-1, preserve_range=True)
     spacing = rng.uniform(*SPACING_UM) / mpp
@@ -120,9 +120,9 @@ def aggregate(size: int, source: Source, mpp: float, rng: np.random.Generator) -
         rgb, alpha = cells[int(rng.integers(len(cells)))]
         k = int(rng.integers(4))
         rgb, alpha = np.rot90(rgb, k), np.rot90(alpha, k)
-        h, w_ = alpha.shape
-        r, c = int(y - h / 2), int(x - w_ / 2)
-        a, b, e, d = max(r, 0), max(c, 0), min(r + h, size), min(c + w_, size)
+        h, w = alpha.shape
+        r, c = int(y - h / 2), int(x - w / 2)
+        a, b, e, d = max(r, 0), max(c, 0), min(r + h, size), min(c + w, size)
         if e <= a or d <= b:
             continue
         al = alpha[a - r:e - r, b - c:d - c, None]
