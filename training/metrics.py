@@ -14,17 +14,34 @@ from PIL import Image, ImageDraw
 from wsiseg.files import atomic_path, write_bytes_atomic
 
 
-def dice_counts(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """``[n_classes, 3]`` true positives, false positives, false negatives of classes 1..C.
+def confusion(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``[n_classes, n_classes + 1]`` pixel counts: row ``t - 1`` holds the labelled pixels of
+    reference class ``t`` (1..C), column ``p`` those predicted as ``p`` (column 0: predicted as
+    something outside classes 1..C, e.g. a model class the reference does not have).
 
     Only labelled pixels (labels > 0) count, so sparse references are scored where annotated.
     """
     valid = labels > 0
     p, t = pred[valid].astype(np.int64), labels[valid].astype(np.int64)
+    if p.size and (p.min() < 0 or p.max() > n_classes or t.max() > n_classes):
+        raise ValueError(f"labels and predictions must lie in 0..{n_classes}")
     conf = np.bincount(t * (n_classes + 1) + p, minlength=(n_classes + 1) ** 2)
-    conf = conf.reshape(n_classes + 1, n_classes + 1)[1:, 1:]   # [true, pred], classes 1..C
-    tp = np.diag(conf)
-    return np.stack([tp, conf.sum(axis=0) - tp, conf.sum(axis=1) - tp], axis=1)
+    return conf.reshape(n_classes + 1, n_classes + 1)[1:]
+
+
+def dice_counts(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """``[n_classes, 3]`` true positives, false positives, false negatives of classes 1..C.
+
+    Only labelled pixels (labels > 0) count, so sparse references are scored where annotated; a
+    labelled pixel predicted as 0 (a class outside 1..C) is a false negative of its class.
+    """
+    return counts_from_confusion(confusion(pred, labels, n_classes))
+
+
+def counts_from_confusion(conf: np.ndarray) -> np.ndarray:
+    """``[C, 3]`` true positives, false positives, false negatives from a :func:`confusion`."""
+    tp = np.diag(conf[:, 1:])
+    return np.stack([tp, conf[:, 1:].sum(axis=0) - tp, conf.sum(axis=1) - tp], axis=1)
 
 
 def dice_scores(counts: np.ndarray) -> tuple[list[float], float]:
