@@ -53,13 +53,14 @@ def evaluate_onnx(model_path: str | Path, items: list[Item], class_names: list[s
         conf += confusion(pred, it.labels, len(class_names))
     counts = counts_from_confusion(conf)
     per, overall = dice_scores(counts)
+    called = [OTHER, *class_names]          # confusion columns (column 0: OTHER)
     return {"model": Path(model_path).name, "images": len(items),
             "dice": dict(zip(class_names, per)), "overall_dice": overall,
             "labelled_pixels": {n: int(c) for n, c in
                                 zip(class_names, counts[:, 0] + counts[:, 2])},
             # rows: reference classes; columns: what the model called those pixels
-            "confusion": {"predicted": [OTHER, *class_names],
-                          "pixels": {n: dict(zip([OTHER, *class_names], map(int, row)))
+            "confusion": {"predicted": called,
+                          "pixels": {n: dict(zip(called, map(int, row)))
                                      for n, row in zip(class_names, conf)}}}
 
 

@@ -36,6 +36,7 @@ from wsiseg.pipeline import SegmentOptions, segment_slide
 from wsiseg.writer import read_level, write_rgb_pyramid
 
 from .ebhi import derive_labels
+from .metrics import confusion, counts_from_confusion, dice_scores
 
 GLASS = (242, 240, 243)
 KATHER_MPP = 0.495
@@ -190,30 +191,28 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def crop_scores(crops: list[Crop], preds: list[np.ndarray], names: list[str]) -> dict:
     """Per-class Dice on labelled pixels, epithelium Dice on every pixel, and the share of
     non-gland tissue (labelled stroma) called tumour."""
-    tp = {n: 0 for n in CROP_CLASSES}
-    fp, fn = dict(tp), dict(tp)
+    k = len(CROP_CLASSES)
+    # model label value -> crop reference value (0: a model class the references do not have)
+    to_ref = np.array([0] + [CROP_CLASSES.index(n) + 1 if n in CROP_CLASSES else 0
+                             for n in names], np.uint8)
+    conf = np.zeros((k, k + 1), np.int64)
     epi_inter = epi_sum = stroma_px = stroma_tumour = 0
     epi_values = [i + 1 for i, n in enumerate(names) if n in EPITHELIUM]
     tumour_v = names.index("tumour") + 1 if "tumour" in names else -1
     for crop, pred in zip(crops, preds):
-        pred_names = np.array(["", *names])[pred]
-        valid = crop.labels > 0
-        for i, n in enumerate(CROP_CLASSES):
-            ref = (crop.labels == i + 1) & valid
-            got = (pred_names == n) & valid
-            tp[n] += int((ref & got).sum())
-            fp[n] += int((~ref & got).sum())
-            fn[n] += int((ref & ~got).sum())
+        conf += confusion(to_ref[pred], crop.labels, k)
         epi = np.isin(pred, epi_values)
         epi_inter += int((epi & crop.glands).sum())
         epi_sum += int(epi.sum()) + int(crop.glands.sum())
         stroma = np.isin(crop.labels, [2, 3])
         stroma_px += int(stroma.sum())
         stroma_tumour += int((stroma & (pred == tumour_v)).sum())
-    per = {n: (2 * tp[n] / (2 * tp[n] + fp[n] + fn[n]) if tp[n] + fn[n] else math.nan)
-           for n in CROP_CLASSES}
-    present = [v for n, v in per.items() if tp[n] + fn[n]]
-    return {"crops": len(crops), "dice": per, "overall": float(np.mean(present)),
+    counts = counts_from_confusion(conf)
+    dices, overall = dice_scores(counts)
+    # a class absent from the references has no Dice here, even where the model predicts it
+    per = {n: d if counts[i, 0] + counts[i, 2] else math.nan
+           for i, (n, d) in enumerate(zip(CROP_CLASSES, dices))}
+    return {"crops": len(crops), "dice": per, "overall": overall,
             "epithelium_dice": 2 * epi_inter / epi_sum if epi_sum else math.nan,
             "stroma_called_tumour": stroma_tumour / stroma_px if stroma_px else math.nan}
 
