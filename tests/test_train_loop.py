@@ -206,6 +206,30 @@ def test_teacher_loss_is_the_soft_cross_entropy_with_no_pull_at_agreement():
     assert float(logits.grad[:, 0].max()) < 0        # pushes class 0 up everywhere
 
 
+def test_teacher_label_mix_moves_labelled_targets_towards_the_label_only():
+    from wsiseg_train.train import teacher_loss
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 2, 2)
+    teacher = torch.zeros(1, 3, 2, 2)
+    teacher[:, 0] = 1.0                              # the teacher leans to class 1 (value 1)
+    labels = torch.tensor([[[0, 1], [2, 3]]])        # one unannotated pixel, three labelled
+    p_t = teacher.softmax(1)
+    logp = logits.log_softmax(1)
+    onehot = torch.zeros(1, 3, 2, 2)
+    for v in (1, 2, 3):
+        onehot[0, v - 1][labels[0] == v] = 1.0
+    target = torch.where(labels[:, None] > 0, 0.75 * p_t + 0.25 * onehot, p_t)
+    want = float(-(target * logp).sum(1).mean())
+    assert float(teacher_loss(logits, teacher, labels, 0.25)) == pytest.approx(want, rel=1e-6)
+    # mix 0 or no labels: the teacher alone
+    alone = float(teacher_loss(logits, teacher))
+    assert float(teacher_loss(logits, teacher, labels, 0.0)) == pytest.approx(alone, rel=1e-6)
+    assert alone != pytest.approx(want, rel=1e-3)
+    # nothing labelled: the mix changes nothing
+    assert float(teacher_loss(logits, teacher, torch.zeros_like(labels), 0.5)) == \
+        pytest.approx(alone, rel=1e-6)
+
+
 def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
     from wsiseg_train.config import ConfigError
     run, _ = full_run
@@ -227,6 +251,15 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
                if got["model"][k].dtype.is_floating_point)
     with pytest.raises(ConfigError, match="teacher_colour must be"):
         load_config(taught, ["train.teacher_colour=raw"])
+    # the labels mixed into the teacher's targets: other targets again
+    state = train(load_config(taught, ["train.teacher_label_mix=0.25"]), tmp_path / "m")
+    mixed = load_checkpoint(tmp_path / "m" / "last.pt")
+    assert state["epoch"] == 2
+    assert any(not torch.equal(mixed["model"][k], got["model"][k]) for k in got["model"]
+               if got["model"][k].dtype.is_floating_point)
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(ConfigError, match="teacher_label_mix must be in"):
+            load_config(taught, [f"train.teacher_label_mix={bad}"])
     with pytest.raises(ConfigError, match="needs a teacher"):
         load_config(config, ["train.teacher_colour=original"])
     # half a teacher is refused: the sets without train.teacher, and train.teacher alone

@@ -137,6 +137,9 @@ class TrainSection:
                                          # wsiseg-train or .pt) whose softmax the patches of sets
                                          # with teacher = true learn (not mosaic / island ones)
     teacher_weight: float = 1.0          # weight of that term against the labelled loss
+    teacher_label_mix: float = 0.0       # > 0: labelled pixels of taught patches learn
+                                         # (1 - mix) * teacher + mix * their label (no class
+                                         # balancing): the labels correct an unsure teacher
     teacher_colour: str = "augmented"    # what the teacher is shown: the student's patch
                                          # ("augmented") or the same patch before its colour
                                          # augmentation ("original": the student learns the
@@ -266,6 +269,9 @@ def check(cfg: Config) -> None:
                           "the data sets whose patches learn its outputs")
     if not cfg.train.teacher_weight > 0:
         raise ConfigError(f"train.teacher_weight must be > 0, got {cfg.train.teacher_weight}")
+    if not 0 <= cfg.train.teacher_label_mix < 1:
+        raise ConfigError(f"train.teacher_label_mix must be in [0, 1) (0 = the teacher alone), "
+                          f"got {cfg.train.teacher_label_mix}")
     if cfg.train.teacher_colour not in ("augmented", "original"):
         raise ConfigError(f"train.teacher_colour must be \"augmented\" or \"original\", got "
                           f"{cfg.train.teacher_colour!r}")

@@ -82,9 +82,22 @@ def make_teacher(cfg: Config, device: torch.device) -> torch.nn.Module | None:
     return teacher.to(device).eval()
 
 
-def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the model's softmax against the teacher's, averaged over pixels."""
+def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 labels: torch.Tensor | None = None, label_mix: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the model's softmax against the teacher's, averaged over pixels.
+
+    With ``labels`` (values 1..C, 0 = unannotated) and ``label_mix`` > 0, the target of each
+    labelled pixel is ``(1 - label_mix) * teacher + label_mix * one-hot(label)``: the label
+    corrects the teacher where it is unsure (with 0.25 the label's class wins wherever the
+    teacher's top class leads it by less than a third), without the class balancing of the
+    labelled loss; unannotated pixels keep the teacher's target."""
     target = teacher_logits.float().softmax(dim=1)
+    if labels is not None and label_mix > 0:
+        labelled = labels > 0
+        onehot = torch.nn.functional.one_hot((labels.long() - 1).clamp(min=0),
+                                             target.shape[1]).permute(0, 3, 1, 2).float()
+        mixed = (1 - label_mix) * target + label_mix * onehot
+        target = torch.where(labelled[:, None], mixed, target)
     return -(target * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
 
 
@@ -201,7 +214,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
     """``train.iterations`` optimiser steps (each followed by the average's step when ``ema``
     is given); returns their losses. With a ``teacher``, the whole-context patches of teacher
     sets drop their labels and learn the teacher's softmax instead (``train.teacher_weight``
-    times that cross-entropy is added to the labelled loss of the other patches)."""
+    times that cross-entropy is added to the labelled loss of the other patches), mixed with
+    their labels by ``train.teacher_label_mix``."""
     model.train()
     if cfg.train.freeze_norm:
         freeze_norm_statistics(model)
@@ -212,6 +226,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
             images, labels = sampler.batch(cfg.train.batch_size, rng)
         else:
             images, labels, teach, shown = sampler.batch_with_teacher(cfg.train.batch_size, rng)
+            taught_labels = labels[teach].copy()
             labels[teach] = 0
         x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -222,7 +237,9 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 target = teacher(x[idx] if shown is images
                                  else torch.from_numpy(shown[teach]).to(device))
-            loss = loss + cfg.train.teacher_weight * teacher_loss(logits[idx], target)
+            loss = loss + cfg.train.teacher_weight * teacher_loss(
+                logits[idx], target, torch.from_numpy(taught_labels).to(device),
+                cfg.train.teacher_label_mix)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
