@@ -57,3 +57,59 @@ def test_evaluate_reports_where_pixels_went_including_classes_the_reference_lack
     assert res["dice"]["background"] == 1.0
     text = "\n".join(summary_lines(res))
     assert "(other)" in text and "0.333" in text   # 64 of 192 tumour pixels
+
+
+def test_paired_bootstrap_exact_difference_and_interval():
+    from wsiseg_train.metrics import paired_bootstrap
+    # two items, two classes; B fixes item 0's two class-1 pixels called 2, item 1 is the same
+    a = np.array([[[0, 2, 2], [0, 0, 4]],      # item 0: class 1 half right, class 2 right
+                  [[0, 4, 0], [0, 1, 3]]])     # item 1: one class-2 pixel called 1
+    b = a.copy()
+    b[0] = [[0, 4, 0], [0, 0, 4]]
+    res = paired_bootstrap(a, b, resamples=500, seed=3)
+    # pooled Dice: A class 1 = 2*6/(2*6+1+2), class 2 = 2*7/(2*7+2+1); B: 2*8/17, 2*7/15
+    da, db = [12 / 15, 14 / 17], [16 / 17, 14 / 15]
+    want = [db[0] - da[0], db[1] - da[1], np.mean(db) - np.mean(da)]
+    assert res["diff"] == pytest.approx(want)
+    for lo, d, hi in zip(res["low"], res["diff"], res["high"]):
+        assert lo <= d + 1e-12 and d <= hi + 1e-12
+    # B is never worse in any draw: every drawn difference is >= 0, and > 0 whenever item 0
+    # is drawn (all draws but those of item 1 twice, about a quarter)
+    assert min(res["low"]) >= 0
+    assert 0.6 < res["b_better"][0] < 0.9
+    assert paired_bootstrap(a, b, resamples=500, seed=3) == res          # seeded
+    same = paired_bootstrap(a, a, resamples=50)
+    assert same["diff"] == [0.0, 0.0, 0.0] and same["high"] == [0.0, 0.0, 0.0]
+    assert same["b_better"] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="same items"):
+        paired_bootstrap(a, b[:1])
+    with pytest.raises(ValueError, match="resamples"):
+        paired_bootstrap(a, b, resamples=0)
+
+
+def test_compare_scores_two_models_on_the_same_items_through_the_engine(tmp_path):
+    """The colour-rule model against a copy whose contract names its stroma and background
+    outputs the other way round: B calls red pixels background and white ones stroma."""
+    pytest.importorskip("onnxruntime")
+    from onnx_models import CLASSES, contract
+    from wsiseg.contract import to_metadata
+    from wsiseg_train.evaluate import compare_lines, compare_onnx
+    a = colour_rule_model(tmp_path / "a.onnx")
+    swapped = contract(classes=(CLASSES[0], CLASSES[2], CLASSES[1]))
+    b = colour_rule_model(tmp_path / "b.onnx", meta=to_metadata(swapped))
+    image = np.full((16, 16, 3), 255, np.uint8)
+    image[:6] = (40, 40, 220)        # blue -> tumour
+    image[6:11] = (220, 40, 40)      # red -> stroma
+    labels = np.full((16, 16), 3, np.uint8)   # 1 tumour, 2 stroma, 3 background
+    labels[:6], labels[6:11] = 1, 2
+    items = [Item(f"x{k}", labels, image=image) for k in range(3)]
+    res = compare_onnx(a, b, items, ["tumour", "stroma", "background"], resamples=100)
+    rows = {r["class"]: r for r in res["rows"]}
+    assert [rows[n]["a"] for n in ("tumour", "stroma", "background")] == [1.0, 1.0, 1.0]
+    assert [rows[n]["b"] for n in ("tumour", "stroma", "background")] == [1.0, 0.0, 0.0]
+    assert rows["overall"]["diff"] == pytest.approx(-2 / 3)
+    # identical items: every draw gives the same difference
+    assert rows["stroma"]["low"] == rows["stroma"]["high"] == -1.0
+    assert rows["tumour"]["b_better"] == 0.0
+    text = "\n".join(compare_lines(res))
+    assert "a.onnx" in text and "-1.0000" in text and "3 images" in text

@@ -241,6 +241,38 @@ def evaluate(model: Path, config: Path, split: str, overrides: tuple[str, ...]) 
 
 
 @main.command()
+@click.argument("model_a", type=click.Path(path_type=Path))
+@click.argument("model_b", type=click.Path(path_type=Path))
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--split", default="val", show_default=True,
+              help="Which rows of the config's pair sets to score (train or val).")
+@click.option("--resamples", type=click.IntRange(1), default=2000, show_default=True,
+              help="Bootstrap draws of the images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override a config key (repeatable).")
+def compare(model_a: Path, model_b: Path, config: Path, split: str, resamples: int, seed: int,
+            overrides: tuple[str, ...]) -> None:
+    """Dice of ONNX MODEL_A and MODEL_B on the same reference pairs of CONFIG, and how sure
+    each difference is: B - A with a 95 % interval from a paired bootstrap over the images (a
+    difference whose interval holds 0 is within what the choice of images can change)."""
+    from .evaluate import compare_lines, compare_onnx
+    from .sets import load_set
+
+    for m in (model_a, model_b):
+        if not m.is_file():
+            _fail(f"model {m} not found", 2)
+    cfg = _run(load_config, config, list(overrides))
+    items = [it for s in cfg.data.sets if s.kind == "pairs"
+             for it in _run(load_set, s, cfg, split)]
+    result = _run(compare_onnx, model_a, model_b, items, list(cfg.model.classes), resamples,
+                  seed)
+    for line in compare_lines(result):
+        click.echo(line, err=True)
+    click.echo(json.dumps(result))
+
+
+@main.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True,
               help="Folder for the runs and results.json (an existing one is continued).")

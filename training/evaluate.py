@@ -6,7 +6,8 @@ multiple of the model's ``size_multiple``, segmented whole, and compared on its 
 Classes are matched by name between the model's contract and the config, so a model can be
 scored against references with fewer classes: a labelled pixel it calls a class the reference
 lacks is a false negative of its reference class. The result also holds the confusion table
-(for each reference class, how many of its labelled pixels the model called what)."""
+(for each reference class, how many of its labelled pixels the model called what).
+``compare_onnx`` scores two models on the same items and says how sure their difference is."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .data import Item
-from .metrics import confusion, counts_from_confusion, dice_scores
+from .metrics import confusion, counts_from_confusion, dice_scores, paired_bootstrap
 
 OTHER = "(other)"   # a model class the reference does not have
 
@@ -28,8 +29,10 @@ def pad_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=255)
 
 
-def evaluate_onnx(model_path: str | Path, items: list[Item], class_names: list[str]) -> dict:
-    """Dice per class (by name) and overall of the model on ``items`` (labels use class_names)."""
+def item_confusions(model_path: str | Path, items: list[Item],
+                     class_names: list[str]) -> np.ndarray:
+    """``[N, C, C + 1]``: the :func:`~.metrics.confusion` of the model on each item (reference
+    classes ``class_names``; column 0: called a class the reference does not have)."""
     from wsiseg.engine import ModelError, load_model
 
     if not items:
@@ -45,12 +48,17 @@ def evaluate_onnx(model_path: str | Path, items: list[Item], class_names: list[s
     # model output channel k -> reference label value (0 where the reference lacks the class)
     to_ref = np.array([class_names.index(n) + 1 if n in class_names else 0
                        for n in contract.class_names], dtype=np.uint8)
-    conf = np.zeros((len(class_names), len(class_names) + 1), dtype=np.int64)
-    for it in items:
+    out = np.zeros((len(items), len(class_names), len(class_names) + 1), dtype=np.int64)
+    for k, it in enumerate(items):
         h, w = it.labels.shape
         scores = model.run(pad_to_multiple(it.image, contract.size_multiple)[None])[0, :, :h, :w]
-        pred = to_ref[scores.argmax(axis=0)]
-        conf += confusion(pred, it.labels, len(class_names))
+        out[k] = confusion(to_ref[scores.argmax(axis=0)], it.labels, len(class_names))
+    return out
+
+
+def evaluate_onnx(model_path: str | Path, items: list[Item], class_names: list[str]) -> dict:
+    """Dice per class (by name) and overall of the model on ``items`` (labels use class_names)."""
+    conf = item_confusions(model_path, items, class_names).sum(axis=0)
     counts = counts_from_confusion(conf)
     per, overall = dice_scores(counts)
     called = [OTHER, *class_names]          # confusion columns (column 0: OTHER)
@@ -62,6 +70,38 @@ def evaluate_onnx(model_path: str | Path, items: list[Item], class_names: list[s
             "confusion": {"predicted": called,
                           "pixels": {n: dict(zip(called, map(int, row)))
                                      for n, row in zip(class_names, conf)}}}
+
+
+def compare_onnx(model_a: str | Path, model_b: str | Path, items: list[Item],
+                 class_names: list[str], resamples: int = 2000, seed: int = 0) -> dict:
+    """Dice of two models on the same items, and how sure their difference is (a paired
+    bootstrap over the items, :func:`~.metrics.paired_bootstrap`)."""
+    conf_a = item_confusions(model_a, items, class_names)
+    conf_b = item_confusions(model_b, items, class_names)
+    boot = paired_bootstrap(conf_a, conf_b, resamples, seed)
+    names = [*class_names, "overall"]
+
+    def dice(conf: np.ndarray) -> list[float]:
+        per, overall = dice_scores(counts_from_confusion(conf.sum(axis=0)))
+        return [*per, overall]
+
+    return {"a": Path(model_a).name, "b": Path(model_b).name, "images": len(items),
+            "resamples": resamples, "seed": seed,
+            "rows": [{"class": n, "a": da, "b": db, "diff": d, "low": lo, "high": hi,
+                      "b_better": p}
+                     for n, da, db, d, lo, hi, p in zip(names, dice(conf_a), dice(conf_b),
+                                                        boot["diff"], boot["low"],
+                                                        boot["high"], boot["b_better"])]}
+
+
+def compare_lines(result: dict[str, Any]) -> list[str]:
+    lines = [f"A = {result['a']}, B = {result['b']}: {result['images']} images, paired "
+             f"bootstrap over the images ({result['resamples']} draws)",
+             f"  {'class':<24}{'A':>8}{'B':>8}{'B - A':>9}   95 % interval      B higher in"]
+    for r in result["rows"]:
+        lines.append(f"  {r['class']:<24}{r['a']:>8.4f}{r['b']:>8.4f}{r['diff']:>+9.4f}   "
+                     f"[{r['low']:+.4f}, {r['high']:+.4f}]   {r['b_better']:.0%} of draws")
+    return lines
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

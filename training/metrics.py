@@ -54,6 +54,45 @@ def dice_scores(counts: np.ndarray) -> tuple[list[float], float]:
     return per, float(np.mean(present)) if present else math.nan
 
 
+def paired_bootstrap(conf_a: np.ndarray, conf_b: np.ndarray, resamples: int = 2000,
+                     seed: int = 0) -> dict[str, Any]:
+    """How sure a Dice difference between two models on the same items is.
+
+    ``conf_a``, ``conf_b``: ``[N, C, C + 1]`` per-item :func:`confusion` counts of models A and
+    B on the same N items. The items are resampled with replacement (the same draw for both
+    models: a paired bootstrap), the Dice pooled over each draw as :func:`dice_scores` does,
+    and B - A recorded per class and overall. Returns ``diff`` (B - A on all items), ``low`` /
+    ``high`` (the 2.5th / 97.5th percentiles of the resampled differences), ``b_better`` (the
+    share of draws in which B's Dice is higher) — each a list of C per-class values then the
+    overall one (NaN where a class is absent) — and ``resamples``."""
+    conf_a, conf_b = np.asarray(conf_a), np.asarray(conf_b)
+    if conf_a.shape != conf_b.shape or conf_a.ndim != 3 or not len(conf_a):
+        raise ValueError(f"need per-item confusions of the same items, [N, C, C + 1]; got "
+                         f"{conf_a.shape} and {conf_b.shape}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+
+    def scores(conf: np.ndarray) -> np.ndarray:
+        per, overall = dice_scores(counts_from_confusion(conf))
+        return np.array([*per, overall])
+
+    diff = scores(conf_b.sum(0)) - scores(conf_a.sum(0))
+    rng = np.random.default_rng(seed)
+    n = len(conf_a)
+    draws = np.empty((resamples, diff.size))
+    for r in range(resamples):
+        i = rng.integers(0, n, n)
+        draws[r] = scores(conf_b[i].sum(0)) - scores(conf_a[i].sum(0))
+    low, high, better = [], [], []
+    for k in range(diff.size):
+        col = draws[:, k][np.isfinite(draws[:, k])]
+        low.append(float(np.percentile(col, 2.5)) if col.size else math.nan)
+        high.append(float(np.percentile(col, 97.5)) if col.size else math.nan)
+        better.append(float(np.mean(col > 0)) if col.size else math.nan)
+    return {"diff": [float(d) for d in diff], "low": low, "high": high, "b_better": better,
+            "resamples": resamples}
+
+
 def write_log(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
     """metrics.csv and metrics.json (one record per epoch) and plot.png."""
     if not history:
