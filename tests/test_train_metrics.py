@@ -92,8 +92,9 @@ def test_compare_scores_two_models_on_the_same_items_through_the_engine(tmp_path
     outputs the other way round: B calls red pixels background and white ones stroma."""
     pytest.importorskip("onnxruntime")
     from onnx_models import CLASSES, contract
-    from wsiseg.contract import to_metadata
     from wsiseg_train.evaluate import compare_lines, compare_onnx
+
+    from wsiseg.contract import to_metadata
     a = colour_rule_model(tmp_path / "a.onnx")
     swapped = contract(classes=(CLASSES[0], CLASSES[2], CLASSES[1]))
     b = colour_rule_model(tmp_path / "b.onnx", meta=to_metadata(swapped))
