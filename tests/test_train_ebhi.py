@@ -98,3 +98,16 @@ def test_export_and_evaluate_commands(run, tmp_path):
     scores = json.loads(result.output.strip().splitlines()[-1])
     assert scores["images"] == 8 and set(scores["dice"]) == {"tumour", "healthy glands", "other"}
     assert 0.0 <= scores["overall_dice"] <= 1.0
+    # the same weights twice (two borders): every difference 0, A's Dice those of evaluate
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "m.onnx"),
+                                       str(tmp_path / "fixed.onnx"), str(CONFIG), "--split", "val",
+                                       "--resamples", "50", *_overrides(NARROW[6:8])])
+    assert result.exit_code == 0, result.output
+    compared = json.loads(result.output.strip().splitlines()[-1])
+    rows = {r["class"]: r for r in compared["rows"]}
+    assert compared["images"] == 8 and rows["overall"]["a"] == scores["overall_dice"]
+    assert all(r["diff"] == 0.0 and r["low"] == r["high"] == 0.0 for r in compared["rows"]
+               if r["a"] == r["a"])            # (NaN rows: a class absent from the crops)
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "m.onnx"),
+                                       str(tmp_path / "missing.onnx"), str(CONFIG)])
+    assert result.exit_code == 2 and "not found" in result.output
