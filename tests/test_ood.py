@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from wsiseg_train.cli import main
-from wsiseg_train.ood import Box, Crop, crop_scores, lay_out, majority, markdown, rows
+from wsiseg_train.ood import (
+    NON_TUMOUR_TISSUE,
+    Box,
+    Crop,
+    crop_scores,
+    lay_out,
+    majority,
+    markdown,
+    rows,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["tumour", "desmoplastic stroma", "lamina propria stroma", "healthy glands",
@@ -66,6 +75,13 @@ def test_evaluate_ood_command_on_real_data(shared_data, tmp_path):
     assert out.read_text() == markdown([result]) and len(rows(result)) >= 12
     assert "| Kather 2016: non-tumour tissue tiles called tumour |" in r.stdout
     assert k["mpp"] == pytest.approx(0.495)
+    assert [t["call"] for t in k["tiles"] if t["type"] == "08_EMPTY"].count("background") >= 2
+    assert all(t["shares"][t["call"]] == max(t["shares"].values()) for t in k["tiles"])
+    called = [t for t in k["tiles"] if t["type"] in NON_TUMOUR_TISSUE and t["call"] == "tumour"]
+    assert len(called) == k["non_tumour_called_tumour"]
+    if called:   # the table names them with their shares
+        assert f"{called[0]['type']} tumour {called[0]['shares']['tumour']:.2f}" in \
+            out.read_text()
 
 
 @pytest.mark.slow
@@ -76,8 +92,11 @@ def test_kather_mosaic_can_declare_another_spacing(shared_data, tmp_path):
     from wsiseg.engine import load_model
     model = load_model(ROOT / "models" / "wsiseg-ebhi-unet.onnx", device="cpu")
     folder = shared_data / "kather-samples" / "labelled-2016"
-    types, calls, labels = kather_calls(model, folder, tmp_path, mpp=0.7)
-    assert len(types) == len(calls) == 24
+    types, calls, labels, shares = kather_calls(model, folder, tmp_path, mpp=0.7)
+    assert len(types) == len(calls) == len(shares) == 24
+    # each call is the class with the largest share of its tile's centre
+    assert all(max(sh, key=sh.get) == c and sum(sh.values()) == pytest.approx(1)
+               for c, sh in zip(calls, shares))
     tiles = [imread(p)[..., :3] for t in KATHER_TYPES for p in sorted((folder / t).glob("*.tif"))]
     slide, _ = lay_out(tiles, gap_px=tiles[0].shape[0])
     # the map is at the model's 1 um/px: 0.7 of the slide when it declares 0.7 um/px

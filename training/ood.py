@@ -110,9 +110,10 @@ def centre(sl: tuple[slice, slice], fraction: float = 0.5) -> tuple[slice, slice
 # -- Kather 2016 ---------------------------------------------------------------------------
 
 def kather_calls(model: Model, folder: Path, workdir: Path, mpp: float = KATHER_MPP
-                 ) -> tuple[list[str], list[str], np.ndarray]:
+                 ) -> tuple[list[str], list[str], np.ndarray, list[dict[str, float]]]:
     """Segment the labelled Kather tiles under ``folder`` as one mosaic slide: (tissue type of
-    each tile, the model's call of each tile, the label map). ``mpp`` is the spacing the slide
+    each tile, the model's call of each tile, the label map, the share of each class in each
+    tile's centre, of which the call is the largest). ``mpp`` is the spacing the slide
     declares: the tiles' own (0.495 µm/px), or another to emulate a scanner or scale error."""
     tiles = [(t, p) for t in KATHER_TYPES for p in sorted((folder / t).glob("*.tif"))]
     if not tiles:
@@ -121,11 +122,15 @@ def kather_calls(model: Model, folder: Path, workdir: Path, mpp: float = KATHER_
     rgb, boxes = lay_out(images, gap_px=images[0].shape[0])
     labels, f, names = segment_mosaic(model, rgb, mpp=mpp, workdir=workdir, name="kather")
     calls = [names[majority(labels[centre(b.scaled(f))], len(names)) - 1] for b in boxes]
-    return [t for t, _ in tiles], calls, labels
+    shares = []
+    for b in boxes:
+        counts = np.bincount(labels[centre(b.scaled(f))].ravel(), minlength=len(names) + 1)[1:]
+        shares.append({n: float(c) / max(int(counts.sum()), 1) for n, c in zip(names, counts)})
+    return [t for t, _ in tiles], calls, labels, shares
 
 
 def kather_check(model: Model, folder: Path, workdir: Path, mpp: float = KATHER_MPP) -> dict:
-    types, calls, _ = kather_calls(model, folder, workdir, mpp)
+    types, calls, _, shares = kather_calls(model, folder, workdir, mpp)
     names = model.contract.class_names
     confusion: dict[str, dict[str, int]] = {t: {} for t in KATHER_TYPES}
     for t, call in zip(types, calls):
@@ -135,12 +140,15 @@ def kather_check(model: Model, folder: Path, workdir: Path, mpp: float = KATHER_
     non_tumour = [c for t, c in zip(types, calls) if t in NON_TUMOUR_TISSUE]
     by_type = {t: [c for tt, c in zip(types, calls) if tt == t] for t in KATHER_TYPES}
     return {"confusion": confusion, "classes": names, "mpp": mpp,
-            "non_tumour_tiles": len(non_tumour),
+            "tumour_classes": sorted(tumour), "non_tumour_tiles": len(non_tumour),
             "non_tumour_called_tumour": sum(c in tumour for c in non_tumour),
             "stroma_tiles": len(by_type["02_STROMA"]),
             "stroma_called_stroma": sum(c in stroma for c in by_type["02_STROMA"]),
             "tumour_tiles": len(by_type["01_TUMOR"]),
-            "tumour_called_tumour": sum(c in tumour for c in by_type["01_TUMOR"])}
+            "tumour_called_tumour": sum(c in tumour for c in by_type["01_TUMOR"]),
+            # each tile's type, call and class shares of its centre: how close each call was
+            "tiles": [{"type": t, "call": c, "shares": sh}
+                      for t, c, sh in zip(types, calls, shares)]}
 
 
 # -- EBHI-Seg val and lesion val ---------------------------------------------------------
@@ -334,4 +342,9 @@ def markdown(results: Sequence[dict]) -> str:
         for t, calls in k["confusion"].items():
             lines.append(f"| {t} | " + " | ".join(str(calls.get(c, 0)) for c in k["classes"])
                          + " |")
+        close = [(t["type"], t["call"], t["shares"][t["call"]]) for t in k.get("tiles", [])
+                 if t["type"] in NON_TUMOUR_TISSUE and t["call"] in k.get("tumour_classes", ())]
+        if close:
+            lines += ["", "Non-tumour tiles called tumour, with the share of the tile's centre "
+                      "called so: " + ", ".join(f"{t} {c} {v:.2f}" for t, c, v in close) + "."]
     return "\n".join(lines) + "\n"

@@ -74,8 +74,8 @@ def ebhi_check(ref, twin, crops, work: Path, limits: GateLimits) -> dict:
 
 def kather_gate(ref, twin, folder: Path, work: Path, limits: GateLimits) -> dict:
     """Tile calls of both models on the labelled Kather tiles, and their label agreement."""
-    types, calls_ref, map_ref = kather_calls(ref, folder, work)
-    _, calls_twin, map_twin = kather_calls(twin, folder, work)
+    types, calls_ref, map_ref, _ = kather_calls(ref, folder, work)
+    _, calls_twin, map_twin, _ = kather_calls(twin, folder, work)
     share, n = agreement(map_ref, map_twin)
     changed = [f"{t} tile {i}: {a} -> {b}" for i, (t, a, b)
                in enumerate(zip(types, calls_ref, calls_twin)) if a != b]
