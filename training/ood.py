@@ -121,10 +121,10 @@ def kather_calls(model: Model, folder: Path, workdir: Path, mpp: float = KATHER_
     images = [imread(p)[..., :3] for _, p in tiles]
     rgb, boxes = lay_out(images, gap_px=images[0].shape[0])
     labels, f, names = segment_mosaic(model, rgb, mpp=mpp, workdir=workdir, name="kather")
-    calls = [names[majority(labels[centre(b.scaled(f))], len(names)) - 1] for b in boxes]
-    shares = []
+    calls, shares = [], []
     for b in boxes:
         counts = np.bincount(labels[centre(b.scaled(f))].ravel(), minlength=len(names) + 1)[1:]
+        calls.append(names[int(counts.argmax())])          # the majority class of the centre
         shares.append({n: float(c) / max(int(counts.sum()), 1) for n, c in zip(names, counts)})
     return [t for t, _ in tiles], calls, labels, shares
 
