@@ -79,19 +79,11 @@ def compare_onnx(model_a: str | Path, model_b: str | Path, items: list[Item],
     conf_a = item_confusions(model_a, items, class_names)
     conf_b = item_confusions(model_b, items, class_names)
     boot = paired_bootstrap(conf_a, conf_b, resamples, seed)
-    names = [*class_names, "overall"]
-
-    def dice(conf: np.ndarray) -> list[float]:
-        per, overall = dice_scores(counts_from_confusion(conf.sum(axis=0)))
-        return [*per, overall]
-
+    keys = ("a", "b", "diff", "low", "high", "b_better")
     return {"a": Path(model_a).name, "b": Path(model_b).name, "images": len(items),
             "resamples": resamples, "seed": seed,
-            "rows": [{"class": n, "a": da, "b": db, "diff": d, "low": lo, "high": hi,
-                      "b_better": p}
-                     for n, da, db, d, lo, hi, p in zip(names, dice(conf_a), dice(conf_b),
-                                                        boot["diff"], boot["low"],
-                                                        boot["high"], boot["b_better"])]}
+            "rows": [{"class": n, **{k: boot[k][i] for k in keys}}
+                     for i, n in enumerate([*class_names, "overall"])]}
 
 
 def compare_lines(result: dict[str, Any]) -> list[str]:

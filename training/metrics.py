@@ -61,7 +61,8 @@ def paired_bootstrap(conf_a: np.ndarray, conf_b: np.ndarray, resamples: int = 20
     ``conf_a``, ``conf_b``: ``[N, C, C + 1]`` per-item :func:`confusion` counts of models A and
     B on the same N items. The items are resampled with replacement (the same draw for both
     models: a paired bootstrap), the Dice pooled over each draw as :func:`dice_scores` does,
-    and B - A recorded per class and overall. Returns ``diff`` (B - A on all items), ``low`` /
+    and B - A recorded per class and overall. Returns ``a`` and ``b`` (each model's Dice on all
+    items), ``diff`` (B - A on all items), ``low`` /
     ``high`` (the 2.5th / 97.5th percentiles of the resampled differences), ``b_better`` (the
     share of draws in which B's Dice is higher) — each a list of C per-class values then the
     overall one (NaN where a class is absent) — and ``resamples``."""
@@ -76,7 +77,8 @@ def paired_bootstrap(conf_a: np.ndarray, conf_b: np.ndarray, resamples: int = 20
         per, overall = dice_scores(counts_from_confusion(conf))
         return np.array([*per, overall])
 
-    diff = scores(conf_b.sum(0)) - scores(conf_a.sum(0))
+    a, b = scores(conf_a.sum(0)), scores(conf_b.sum(0))
+    diff = b - a
     rng = np.random.default_rng(seed)
     n = len(conf_a)
     draws = np.empty((resamples, diff.size))
@@ -89,8 +91,8 @@ def paired_bootstrap(conf_a: np.ndarray, conf_b: np.ndarray, resamples: int = 20
         low.append(float(np.percentile(col, 2.5)) if col.size else math.nan)
         high.append(float(np.percentile(col, 97.5)) if col.size else math.nan)
         better.append(float(np.mean(col > 0)) if col.size else math.nan)
-    return {"diff": [float(d) for d in diff], "low": low, "high": high, "b_better": better,
-            "resamples": resamples}
+    return {"a": a.tolist(), "b": b.tolist(), "diff": diff.tolist(), "low": low, "high": high,
+            "b_better": better, "resamples": resamples}
 
 
 def write_log(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
