@@ -230,6 +230,30 @@ def test_teacher_label_mix_moves_labelled_targets_towards_the_label_only():
         pytest.approx(alone, rel=1e-6)
 
 
+def test_teacher_outputs_average_the_softmax_over_flipped_and_transposed_copies():
+    from wsiseg_train.train import teacher_outputs
+    torch.manual_seed(0)
+    teacher = torch.nn.Conv2d(3, 4, 3, padding=1)     # no symmetry of its own
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(teacher_outputs(teacher, x), teacher(x))
+        # by hand: the four flips' softmax, each flipped back, averaged
+        want = sum(teacher(x.flip(d) if d else x).softmax(1).flip(d) if d
+                   else teacher(x).softmax(1) for d in ((), (-1,), (-2,), (-2, -1))) / 4
+        got = teacher_outputs(teacher, x, "flips")
+        assert torch.allclose(got.softmax(1), want, atol=1e-6)
+        assert not torch.allclose(got.softmax(1), teacher(x).softmax(1), atol=1e-3)
+        # the averaged teacher has the symmetry its copies give it, the plain one does not
+        assert torch.allclose(teacher_outputs(teacher, x.flip(-1), "flips"), got.flip(-1),
+                              atol=1e-5)
+        d4 = teacher_outputs(teacher, x, "dihedral")
+        assert torch.allclose(teacher_outputs(teacher, x.transpose(-1, -2), "dihedral"),
+                              d4.transpose(-1, -2), atol=1e-5)
+        assert not torch.allclose(teacher_outputs(teacher, x.transpose(-1, -2), "flips"),
+                                  got.transpose(-1, -2), atol=1e-3)
+        assert torch.allclose(d4.exp().sum(1), torch.ones(2, 6, 6), atol=1e-5)
+
+
 def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
     from wsiseg_train.config import ConfigError
     run, _ = full_run
@@ -257,6 +281,14 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
     assert state["epoch"] == 2
     assert any(not torch.equal(mixed["model"][k], got["model"][k]) for k in got["model"]
                if got["model"][k].dtype.is_floating_point)
+    # the teacher's softmax averaged over flipped copies: other targets again
+    state = train(load_config(taught, ["train.teacher_tta=flips"]), tmp_path / "f")
+    flipped = load_checkpoint(tmp_path / "f" / "last.pt")
+    assert state["epoch"] == 2
+    assert any(not torch.equal(flipped["model"][k], got["model"][k]) for k in got["model"]
+               if got["model"][k].dtype.is_floating_point)
+    with pytest.raises(ConfigError, match="teacher_tta must be one of none, flips, dihedral"):
+        load_config(taught, ["train.teacher_tta=d4"])
     for bad in ("1.0", "-0.1"):
         with pytest.raises(ConfigError, match="teacher_label_mix must be in"):
             load_config(taught, [f"train.teacher_label_mix={bad}"])

@@ -16,6 +16,8 @@ from typing import Any
 
 from .augment import AugmentConfig
 
+TEACHER_TTA = ("none", "flips", "dihedral")   # train.teacher_tta: 1, 4 or 8 copies
+
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which key and how to fix it."""
@@ -144,6 +146,10 @@ class TrainSection:
                                          # ("augmented") or the same patch before its colour
                                          # augmentation ("original": the student learns the
                                          # teacher's in-lab calls under other labs' stains)
+    teacher_tta: str = "none"            # the teacher's softmax averaged over its input
+                                         # flipped ("flips": 4 copies) or flipped and
+                                         # transposed ("dihedral": 8 copies): a teacher a little
+                                         # better than the model itself, at that many forwards
 
 
 @dataclass(frozen=True)
@@ -275,6 +281,9 @@ def check(cfg: Config) -> None:
     if cfg.train.teacher_colour not in ("augmented", "original"):
         raise ConfigError(f"train.teacher_colour must be \"augmented\" or \"original\", got "
                           f"{cfg.train.teacher_colour!r}")
+    if cfg.train.teacher_tta not in TEACHER_TTA:
+        raise ConfigError(f"train.teacher_tta must be one of {', '.join(TEACHER_TTA)}, got "
+                          f"{cfg.train.teacher_tta!r}")
     if cfg.train.teacher_colour == "original" and not cfg.train.teacher:
         raise ConfigError("train.teacher_colour = \"original\" needs a teacher (train.teacher and "
                           "teacher = true on a data set)")

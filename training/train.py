@@ -82,6 +82,25 @@ def make_teacher(cfg: Config, device: torch.device) -> torch.nn.Module | None:
     return teacher.to(device).eval()
 
 
+def teacher_outputs(teacher: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The teacher's logits for ``x`` [N, 3, H, W]; with ``tta`` "flips" or "dihedral", the log of
+    its softmax averaged over 4 or 8 flipped / transposed copies of the input, each output
+    turned back to the input's orientation (a logit vector, so ``teacher_loss`` takes either)."""
+    if tta == "none":
+        return teacher(x)
+    transposes = (False, True) if tta == "dihedral" else (False,)
+    total = None
+    for tr in transposes:
+        for dims in ((), (-1,), (-2,), (-2, -1)):
+            t = x.transpose(-1, -2) if tr else x
+            t = t.flip(dims) if dims else t
+            y = teacher(t).float().softmax(dim=1)
+            y = y.flip(dims) if dims else y
+            y = y.transpose(-1, -2) if tr else y
+            total = y if total is None else total + y
+    return (total / (4 * len(transposes))).clamp_min(1e-12).log()
+
+
 def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
                  labels: torch.Tensor | None = None, label_mix: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the model's softmax against the teacher's, averaged over pixels.
@@ -235,8 +254,9 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
         if teacher is not None and teach.any():
             idx = torch.from_numpy(np.flatnonzero(teach)).to(device)
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                target = teacher(x[idx] if shown is images
-                                 else torch.from_numpy(shown[teach]).to(device))
+                target = teacher_outputs(teacher, x[idx] if shown is images
+                                         else torch.from_numpy(shown[teach]).to(device),
+                                         cfg.train.teacher_tta)
             loss = loss + cfg.train.teacher_weight * teacher_loss(
                 logits[idx], target, torch.from_numpy(taught_labels).to(device),
                 cfg.train.teacher_label_mix)
