@@ -4,7 +4,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-from scipy import ndimage as ndi
 from skimage.io import imsave
 from train_helpers import EBHI_INDEX, tiny_config_text, write_pairs
 from wsiseg_train.augment import AugmentConfig
@@ -180,20 +179,20 @@ def test_teacher_flags_only_whole_context_patches_of_teacher_sets():
     def sampler(items, **kw):
         return Sampler(items, patch_px=16, jitter_px=0, sparse_dense_ratio=1.0,
                        class_weights=None, augment_cfg=None, rng=np.random.default_rng(0), **kw)
-    _, _, teach, _, _ = sampler([taught]).batch_with_teacher(6, np.random.default_rng(1))
+    _, _, teach, _ = sampler([taught]).batch_with_teacher(6, np.random.default_rng(1))
     assert teach.tolist() == [True] * 6
-    _, _, teach, _, _ = sampler([_item(a)]).batch_with_teacher(6, np.random.default_rng(1))
+    _, _, teach, _ = sampler([_item(a)]).batch_with_teacher(6, np.random.default_rng(1))
     assert not teach.any()
-    _, _, teach, _, _ = sampler([taught], island_p=1.0, island_px=(8, 12),
+    _, _, teach, _ = sampler([taught], island_p=1.0, island_px=(8, 12),
                              background=1).batch_with_teacher(6, np.random.default_rng(1))
     assert not teach.any()
-    _, _, teach, _, _ = sampler([taught], mosaic_p=0.5).batch_with_teacher(
+    _, _, teach, _ = sampler([taught], mosaic_p=0.5).batch_with_teacher(
         400, np.random.default_rng(1))
     assert 0.4 < teach.mean() < 0.6
     # the flags draw no random numbers: batch() gives the same patches as before
     s = sampler([taught], mosaic_p=0.5)
     x1, y1 = s.batch(5, np.random.default_rng(7))
-    x2, y2, _, shown, _ = s.batch_with_teacher(5, np.random.default_rng(7))
+    x2, y2, _, shown = s.batch_with_teacher(5, np.random.default_rng(7))
     assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and np.array_equal(shown, x1)
 
 
@@ -228,39 +227,6 @@ def test_teacher_can_be_shown_the_patch_before_its_colour_augmentation():
     # patches of sets without a teacher show the student's own (augmented) patch
     other = sampler([plain], True).batch_with_teacher(8, np.random.default_rng(3))
     assert not other[2].any() and np.array_equal(other[3], other[0])
-
-
-def test_taught_patches_mark_the_pixels_near_the_items_edge():
-    labels = np.full((40, 40), 2, np.uint8)
-    taught = dataclasses.replace(_item(labels), teacher=True)
-    def sampler(items, edge_px, augment=None):
-        return Sampler(items, patch_px=16, jitter_px=0, sparse_dense_ratio=1.0,
-                       class_weights=None, augment_cfg=augment, rng=np.random.default_rng(0),
-                       teacher_edge_px=edge_px)
-    b = sampler([taught], 3).batch_with_teacher(300, np.random.default_rng(1))
-    assert b.teach.all()
-    for lab, edge in zip(b.labels, b.edge):
-        # beyond the item: unannotated, and marked; on it: labelled as before
-        assert set(np.unique(lab).tolist()) <= {0, 2}
-        outside = lab == 0
-        assert edge[outside].all()
-        if outside.any():      # within 3 px of it: marked; farther: not
-            dist = ndi.distance_transform_edt(~outside)
-            assert np.array_equal(edge, dist <= 3)
-        else:
-            assert not edge.any()
-    assert 0 < b.edge.mean() < 0.5
-    # with flips and turns the mark follows the pixels; never on untaught or when off
-    turned = AugmentConfig(rotate=False, elastic=False, probability=0.0)
-    b = sampler([taught], 3, turned).batch_with_teacher(100, np.random.default_rng(2))
-    assert np.array_equal(b.edge & (b.labels == 0), b.labels == 0) and b.edge.any()
-    assert not sampler([taught], 0).batch_with_teacher(50, np.random.default_rng(1)).edge.any()
-    assert not sampler([_item(labels)], 3).batch_with_teacher(
-        50, np.random.default_rng(1)).edge.any()
-    # the mark draws no random numbers: the same patches with and without it
-    a = sampler([taught], 0, turned).batch_with_teacher(20, np.random.default_rng(4))
-    c = sampler([taught], 5, turned).batch_with_teacher(20, np.random.default_rng(4))
-    assert np.array_equal(a.images, c.images) and np.array_equal(a.labels, c.labels)
 
 
 def test_set_overrides_reach_every_set_or_one(tmp_path):

@@ -150,9 +150,6 @@ class TrainSection:
                                          # flipped ("flips": 4 copies) or flipped and
                                          # transposed ("dihedral": 8 copies): a teacher a little
                                          # better than the model itself, at that many forwards
-    teacher_edge_px: int = 0             # > 0: pixels of taught patches this close to the
-                                         # item's edge learn their labels, not the teacher
-                                         # (which sees white there: a tissue edge that is not one)
 
 
 @dataclass(frozen=True)
@@ -284,9 +281,6 @@ def check(cfg: Config) -> None:
     if cfg.train.teacher_colour not in ("augmented", "original"):
         raise ConfigError(f"train.teacher_colour must be \"augmented\" or \"original\", got "
                           f"{cfg.train.teacher_colour!r}")
-    if cfg.train.teacher_edge_px < 0:
-        raise ConfigError(f"train.teacher_edge_px must be >= 0 (0 = the teacher everywhere), "
-                          f"got {cfg.train.teacher_edge_px}")
     if cfg.train.teacher_tta not in TEACHER_TTA:
         raise ConfigError(f"train.teacher_tta must be one of {', '.join(TEACHER_TTA)}, got "
                           f"{cfg.train.teacher_tta!r}")

@@ -12,25 +12,14 @@ paper's "combined" setting).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from .aggregates import NucleusBank, paste
 from .augment import AugmentConfig, geometric, photometric
 from .data import Item, read_region
 
 MAX_POINTS = 200_000  # annotated pixels kept per class and item for sampling
-OUTSIDE = 255         # label value marking pixels beyond the item while a patch is augmented
-
-
-class TeacherBatch(NamedTuple):
-    images: np.ndarray   # [n, 3, P, P] uint8
-    labels: np.ndarray   # [n, P, P] uint8, 0 = unannotated
-    teach: np.ndarray    # [n] bool: the patch learns the teacher's outputs
-    shown: np.ndarray    # [n, 3, P, P] uint8: what the teacher is shown
-    edge: np.ndarray     # [n, P, P] bool: pixels of taught patches near the item's edge
 
 
 @dataclass(frozen=True)
@@ -130,15 +119,13 @@ class Sampler:
                  mosaic_p: float = 0.0, island_p: float = 0.0,
                  island_px: tuple[int, int] = (48, 112), background: int = 0,
                  teacher_original_colour: bool = False, aggregate_p: float = 0.0,
-                 aggregates: tuple[NucleusBank, int] | None = None,
-                 teacher_edge_px: int = 0) -> None:
+                 aggregates: tuple[NucleusBank, int] | None = None) -> None:
         if not items:
             raise ValueError("no training items: check the training sets and their split")
         self.patch_px, self.jitter_px, self.augment_cfg = patch_px, jitter_px, augment_cfg
         self.mosaic_p, self.island_p, self.island_px = mosaic_p, island_p, island_px
         self.background = background
         self.teacher_original_colour = teacher_original_colour
-        self.teacher_edge_px = teacher_edge_px
         if aggregate_p and aggregates is None:
             raise ValueError("aggregate_p needs aggregates = (nucleus bank, class value)")
         self.aggregate_p, self.aggregates = aggregate_p, aggregates
@@ -164,21 +151,18 @@ class Sampler:
 
     def batch(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """``images [n, 3, P, P]`` uint8 and ``labels [n, P, P]`` uint8."""
-        b = self.batch_with_teacher(n, rng)
-        return b.images, b.labels
+        images, labels, _, _ = self.batch_with_teacher(n, rng)
+        return images, labels
 
-    def batch_with_teacher(self, n: int, rng: np.random.Generator) -> TeacherBatch:
+    def batch_with_teacher(self, n: int, rng: np.random.Generator
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`batch`, ``teach [n]`` bool: patches of a teacher set in their whole context
         (neither mosaic, island nor aggregate), whose targets are the teacher's outputs, and the
         images the teacher is shown: the same ones, or with ``teacher_original_colour`` each
         taught patch before its colour augmentation (same geometry), so that the student learns
         the teacher's calls on the training lab's colours under other stains. Either way the
-        random draws are the same. With ``teacher_edge_px``, ``edge`` marks the pixels of taught
-        patches within that distance of the item's edge (where the patch is padded with white):
-        there they learn their labels, since the teacher sees a tissue edge that is not one."""
-        images, labels, teach, shown, edges = [], [], [], [], []
-        size = self.patch_px
-        blank = np.zeros((size, size), bool)
+        random draws are the same."""
+        images, labels, teach, shown = [], [], [], []
         for _, item, row, col in self.centers(n, rng):
             plain = True
             if self.mosaic_p and rng.random() < self.mosaic_p:
@@ -189,9 +173,6 @@ class Sampler:
                                    for it, r, c in [(item, row, col), *others]])
             else:
                 img, lab = extract(item, row, col, self.patch_px)
-            mark = plain and item.teacher and self.teacher_edge_px > 0
-            if mark:
-                lab = np.where(_inside(item, row, col, size), lab, OUTSIDE).astype(lab.dtype)
             if self.aggregate_p and rng.random() < self.aggregate_p:
                 plain = False
                 img, lab = paste(img, lab, *self.aggregates, rng)
@@ -199,12 +180,6 @@ class Sampler:
             if self.augment_cfg is not None:
                 original, lab = geometric(img, lab, self.augment_cfg, rng)
                 img = photometric(original, self.augment_cfg, rng)
-            edge = blank
-            if mark:
-                outside = lab == OUTSIDE
-                lab = np.where(outside, 0, lab).astype(lab.dtype)
-                if outside.any():
-                    edge = ndi.distance_transform_edt(~outside) <= self.teacher_edge_px
             if self.island_p and rng.random() < self.island_p:  # glass is not colour-augmented
                 plain = False
                 side = int(rng.integers(self.island_px[0], self.island_px[1] + 1))
@@ -212,22 +187,11 @@ class Sampler:
             images.append(img.transpose(2, 0, 1))
             labels.append(lab)
             teach.append(plain and item.teacher)
-            edges.append(edge if plain else blank)
             if self.teacher_original_colour:
                 shown.append((original if plain and item.teacher else img).transpose(2, 0, 1))
         stacked = np.stack(images)
-        return TeacherBatch(stacked, np.stack(labels), np.array(teach, bool),
-                            np.stack(shown) if self.teacher_original_colour else stacked,
-                            np.stack(edges))
-
-
-def _inside(item: Item, row: int, col: int, size: int) -> np.ndarray:
-    """Which pixels of the ``size`` patch centred on (row, col) lie on the item."""
-    h, w = item.labels.shape
-    r0, c0 = row - size // 2, col - size // 2
-    out = np.zeros((size, size), bool)
-    out[max(-r0, 0):max(min(h - r0, size), 0), max(-c0, 0):max(min(w - c0, size), 0)] = True
-    return out
+        return (stacked, np.stack(labels), np.array(teach, bool),
+                np.stack(shown) if self.teacher_original_colour else stacked)
 
 
 def validation_set(items: list[Item], *, patch_px: int, n_patches: int,

@@ -102,24 +102,20 @@ def teacher_outputs(teacher: torch.nn.Module, x: torch.Tensor, tta: str = "none"
 
 
 def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
-                 labels: torch.Tensor | None = None,
-                 label_mix: float | torch.Tensor = 0.0) -> torch.Tensor:
+                 labels: torch.Tensor | None = None, label_mix: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the model's softmax against the teacher's, averaged over pixels.
 
     With ``labels`` (values 1..C, 0 = unannotated) and ``label_mix`` > 0, the target of each
     labelled pixel is ``(1 - label_mix) * teacher + label_mix * one-hot(label)``: the label
     corrects the teacher where it is unsure (with 0.25 the label's class wins wherever the
     teacher's top class leads it by less than a third), without the class balancing of the
-    labelled loss; unannotated pixels keep the teacher's target. ``label_mix`` may also be a
-    tensor [N, H, W] of per-pixel mixes (1 = the label alone)."""
+    labelled loss; unannotated pixels keep the teacher's target."""
     target = teacher_logits.float().softmax(dim=1)
-    per_pixel = isinstance(label_mix, torch.Tensor)
-    if labels is not None and (per_pixel or label_mix > 0):
+    if labels is not None and label_mix > 0:
         labelled = labels > 0
         onehot = torch.nn.functional.one_hot((labels.long() - 1).clamp(min=0),
                                              target.shape[1]).permute(0, 3, 1, 2).float()
-        mix = label_mix[:, None].float() if per_pixel else label_mix
-        mixed = (1 - mix) * target + mix * onehot
+        mixed = (1 - label_mix) * target + label_mix * onehot
         target = torch.where(labelled[:, None], mixed, target)
     return -(target * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
 
@@ -227,7 +223,6 @@ def make_sampler(cfg: Config, items: list[Item]) -> Sampler:
                    island_px=cfg.data.island_px,
                    background=values[cfg.model.background] if cfg.model.background else 0,
                    teacher_original_colour=cfg.train.teacher_colour == "original",
-                   teacher_edge_px=cfg.train.teacher_edge_px,
                    aggregate_p=cfg.data.aggregate_p, aggregates=aggregates)
 
 
@@ -249,8 +244,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
         if teacher is None:
             images, labels = sampler.batch(cfg.train.batch_size, rng)
         else:
-            images, labels, teach, shown, edge = sampler.batch_with_teacher(cfg.train.batch_size,
-                                                                            rng)
+            images, labels, teach, shown = sampler.batch_with_teacher(cfg.train.batch_size, rng)
             taught_labels = labels[teach].copy()
             labels[teach] = 0
         x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
@@ -263,12 +257,9 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
                 target = teacher_outputs(teacher, x[idx] if shown is images
                                          else torch.from_numpy(shown[teach]).to(device),
                                          cfg.train.teacher_tta)
-            mix: float | torch.Tensor = cfg.train.teacher_label_mix
-            if cfg.train.teacher_edge_px:
-                mix = torch.from_numpy(np.where(edge[teach], 1.0, mix).astype(np.float32))
-                mix = mix.to(device)
             loss = loss + cfg.train.teacher_weight * teacher_loss(
-                logits[idx], target, torch.from_numpy(taught_labels).to(device), mix)
+                logits[idx], target, torch.from_numpy(taught_labels).to(device),
+                cfg.train.teacher_label_mix)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
