@@ -294,6 +294,8 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
             load_config(taught, [f"train.teacher_label_mix={bad}"])
     with pytest.raises(ConfigError, match="needs a teacher"):
         load_config(config, ["train.teacher_colour=original"])
+    with pytest.raises(ConfigError, match="teacher_tta = \"dihedral\" needs a teacher"):
+        load_config(config, ["train.teacher_tta=dihedral"])
     # half a teacher is refused: the sets without train.teacher, and train.teacher alone
     (tmp_path / "a.toml").write_text(text)
     with pytest.raises(ConfigError, match="a teacher needs both"):

@@ -284,6 +284,9 @@ def check(cfg: Config) -> None:
     if cfg.train.teacher_tta not in TEACHER_TTA:
         raise ConfigError(f"train.teacher_tta must be one of {', '.join(TEACHER_TTA)}, got "
                           f"{cfg.train.teacher_tta!r}")
+    if cfg.train.teacher_tta != "none" and not cfg.train.teacher:
+        raise ConfigError(f"train.teacher_tta = \"{cfg.train.teacher_tta}\" needs a teacher "
+                          "(train.teacher and teacher = true on a data set)")
     if cfg.train.teacher_colour == "original" and not cfg.train.teacher:
         raise ConfigError("train.teacher_colour = \"original\" needs a teacher (train.teacher and "
                           "teacher = true on a data set)")
