@@ -260,33 +260,25 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
     text = config.read_text().replace('kind = "pairs"', 'kind = "pairs"\nteacher = true')
     taught = tmp_path / "taught.toml"
     taught.write_text(text.replace("[train]", f'[train]\nteacher = "{run / "best.pt"}"'))
-    state = train(load_config(taught), tmp_path / "t")
-    ref = load_checkpoint(run / "last.pt")
-    got = load_checkpoint(tmp_path / "t" / "last.pt")
-    assert state["epoch"] == 2
+    def run_with(overrides, name):
+        state = train(load_config(taught, overrides), tmp_path / name)
+        assert state["epoch"] == 2
+        return load_checkpoint(tmp_path / name / "last.pt")["model"]
+
+    def differ(a, b):
+        return any(not torch.equal(a[k], b[k]) for k in b if b[k].dtype.is_floating_point)
+
+    got = run_with([], "t")
     # same batches, other targets: the weights differ from the labelled run's
-    assert any(not torch.equal(got["model"][k], ref["model"][k]) for k in ref["model"]
-               if ref["model"][k].dtype.is_floating_point)
+    assert differ(got, load_checkpoint(run / "last.pt")["model"])
     # the teacher shown the patches before their colour augmentation: other targets again
-    state = train(load_config(taught, ["train.teacher_colour=original"]), tmp_path / "o")
-    orig = load_checkpoint(tmp_path / "o" / "last.pt")
-    assert state["epoch"] == 2
-    assert any(not torch.equal(orig["model"][k], got["model"][k]) for k in got["model"]
-               if got["model"][k].dtype.is_floating_point)
+    assert differ(run_with(["train.teacher_colour=original"], "o"), got)
     with pytest.raises(ConfigError, match="teacher_colour must be"):
         load_config(taught, ["train.teacher_colour=raw"])
     # the labels mixed into the teacher's targets: other targets again
-    state = train(load_config(taught, ["train.teacher_label_mix=0.25"]), tmp_path / "m")
-    mixed = load_checkpoint(tmp_path / "m" / "last.pt")
-    assert state["epoch"] == 2
-    assert any(not torch.equal(mixed["model"][k], got["model"][k]) for k in got["model"]
-               if got["model"][k].dtype.is_floating_point)
+    assert differ(run_with(["train.teacher_label_mix=0.25"], "m"), got)
     # the teacher's softmax averaged over flipped copies: other targets again
-    state = train(load_config(taught, ["train.teacher_tta=flips"]), tmp_path / "f")
-    flipped = load_checkpoint(tmp_path / "f" / "last.pt")
-    assert state["epoch"] == 2
-    assert any(not torch.equal(flipped["model"][k], got["model"][k]) for k in got["model"]
-               if got["model"][k].dtype.is_floating_point)
+    assert differ(run_with(["train.teacher_tta=flips"], "f"), got)
     with pytest.raises(ConfigError, match="teacher_tta must be one of none, flips, dihedral"):
         load_config(taught, ["train.teacher_tta=d4"])
     for bad in ("1.0", "-0.1"):
