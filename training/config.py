@@ -284,12 +284,11 @@ def check(cfg: Config) -> None:
     if cfg.train.teacher_tta not in TEACHER_TTA:
         raise ConfigError(f"train.teacher_tta must be one of {', '.join(TEACHER_TTA)}, got "
                           f"{cfg.train.teacher_tta!r}")
-    if cfg.train.teacher_tta != "none" and not cfg.train.teacher:
-        raise ConfigError(f"train.teacher_tta = \"{cfg.train.teacher_tta}\" needs a teacher "
-                          "(train.teacher and teacher = true on a data set)")
-    if cfg.train.teacher_colour == "original" and not cfg.train.teacher:
-        raise ConfigError("train.teacher_colour = \"original\" needs a teacher (train.teacher and "
-                          "teacher = true on a data set)")
+    for key, plain in (("teacher_tta", "none"), ("teacher_colour", "augmented")):
+        value = getattr(cfg.train, key)
+        if value != plain and not cfg.train.teacher:
+            raise ConfigError(f"train.{key} = \"{value}\" needs a teacher (train.teacher and "
+                              "teacher = true on a data set)")
     m = 2 ** (cfg.model.depth - 1)
     if cfg.data.patch_px % m:
         raise ConfigError(f"data.patch_px {cfg.data.patch_px} must be a multiple of {m} for "

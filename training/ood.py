@@ -94,8 +94,13 @@ def segment_mosaic(model: Model, rgb: np.ndarray, *, mpp: float, workdir: Path,
     return read_level(out), report["map"]["mpp"] / mpp, model.contract.class_names
 
 
+def class_counts(values: np.ndarray, n: int) -> np.ndarray:
+    """Pixels of each label value 1..n in ``values`` (0, unannotated, not counted)."""
+    return np.bincount(values.ravel(), minlength=n + 1)[1:]
+
+
 def majority(values: np.ndarray, n: int) -> int:
-    return int(np.bincount(values.ravel(), minlength=n + 1)[1:].argmax() + 1)
+    return int(class_counts(values, n).argmax() + 1)
 
 
 def centre(sl: tuple[slice, slice], fraction: float = 0.5) -> tuple[slice, slice]:
@@ -123,7 +128,7 @@ def kather_calls(model: Model, folder: Path, workdir: Path, mpp: float = KATHER_
     labels, f, names = segment_mosaic(model, rgb, mpp=mpp, workdir=workdir, name="kather")
     calls, shares = [], []
     for b in boxes:
-        counts = np.bincount(labels[centre(b.scaled(f))].ravel(), minlength=len(names) + 1)[1:]
+        counts = class_counts(labels[centre(b.scaled(f))], len(names))
         calls.append(names[int(counts.argmax())])          # the majority class of the centre
         shares.append({n: float(c) / max(int(counts.sum()), 1) for n, c in zip(names, counts)})
     return [t for t, _ in tiles], calls, labels, shares
@@ -342,8 +347,8 @@ def markdown(results: Sequence[dict]) -> str:
         for t, calls in k["confusion"].items():
             lines.append(f"| {t} | " + " | ".join(str(calls.get(c, 0)) for c in k["classes"])
                          + " |")
-        close = [(t["type"], t["call"], t["shares"][t["call"]]) for t in k.get("tiles", [])
-                 if t["type"] in NON_TUMOUR_TISSUE and t["call"] in k.get("tumour_classes", ())]
+        close = [(t["type"], t["call"], t["shares"][t["call"]]) for t in k["tiles"]
+                 if t["type"] in NON_TUMOUR_TISSUE and t["call"] in k["tumour_classes"]]
         if close:
             lines += ["", "Non-tumour tiles called tumour, with the share of the tile's centre "
                       "called so: " + ", ".join(f"{t} {c} {v:.2f}" for t, c, v in close) + "."]
