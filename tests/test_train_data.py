@@ -8,7 +8,14 @@ from skimage.io import imsave
 from train_helpers import EBHI_INDEX, tiny_config_text, write_pairs
 from wsiseg_train.augment import AugmentConfig
 from wsiseg_train.config import ConfigError, load_config
-from wsiseg_train.data import Item, load_pairs, threshold_mapping, value_mapping
+from wsiseg_train.data import (
+    Item,
+    load_pairs,
+    mirrored,
+    read_region,
+    threshold_mapping,
+    value_mapping,
+)
 from wsiseg_train.sampling import Sampler, class_index, extract, sample_center, validation_set
 from wsiseg_train.sets import build_data
 
@@ -227,6 +234,54 @@ def test_teacher_can_be_shown_the_patch_before_its_colour_augmentation():
     # patches of sets without a teacher show the student's own (augmented) patch
     other = sampler([plain], True).batch_with_teacher(8, np.random.default_rng(3))
     assert not other[2].any() and np.array_equal(other[3], other[0])
+
+
+def test_mirrored_reads_fold_any_distance_back_into_the_image():
+    # -9 ... 12 over a 4-pixel axis: ... 1 0 | 0 1 2 3 | 3 2 1 0 | 0 1 ...
+    assert mirrored(np.arange(-9, 13), 4).tolist() == [
+        0, 0, 1, 2, 3, 3, 2, 1, 0, 0, 1, 2, 3, 3, 2, 1, 0, 0, 1, 2, 3, 3]
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    item = Item(image=image, labels=np.ones((5, 7), np.uint8), annotation="dense", name="a")
+    padded = np.pad(image, ((20, 20), (20, 20), (0, 0)), mode="symmetric")
+    for row, col in ((-9, -12), (0, 0), (3, -2), (-20, 6)):
+        got = read_region(item, row, col, 18, mirror=True)
+        assert np.array_equal(got, padded[row + 20:row + 38, col + 20:col + 38])
+        white = read_region(item, row, col, 18)
+        inside = np.zeros((18, 18), bool)
+        inside[max(-row, 0):5 - row, max(-col, 0):7 - col] = True
+        assert np.array_equal(got[inside], white[inside]) and (white[~inside] == 255).all()
+
+
+def test_teacher_can_be_shown_the_crop_mirrored_beyond_its_edge():
+    rng = np.random.default_rng(0)
+    image = rng.integers(40, 220, (24, 24, 3), dtype=np.uint8)
+    labels = np.ones((24, 24), np.uint8)             # every pixel annotated: 0 = outside
+    taught = Item(image=image, labels=labels, annotation="dense", name="a", teacher=True)
+    pixelwise = AugmentConfig(elastic=False, rotate=False, blur=False, hed=False, contrast=False,
+                              lab=False, probability=1.0)
+    def batch(mirror, augment):
+        s = Sampler([taught], patch_px=16, jitter_px=8, sparse_dense_ratio=1.0,
+                    class_weights=None, augment_cfg=augment, rng=np.random.default_rng(0),
+                    teacher_mirror_edge=mirror)
+        return s.batch_with_teacher(32, np.random.default_rng(5))
+    for augment in (None, pixelwise):
+        glass, mirror = batch(False, augment), batch(True, augment)
+        for a, b in zip(glass[:3], mirror[:3]):      # the student's patches and labels as before
+            assert np.array_equal(a, b)
+        student, lab, shown = mirror[0].transpose(0, 2, 3, 1), mirror[1], mirror[3]
+        shown = shown.transpose(0, 2, 3, 1)
+        outside = lab == 0
+        assert outside.any() and (~outside).any()
+        # inside the crop the teacher sees the student's pixels (same colour draws), outside
+        # tissue where the student sees white
+        assert np.array_equal(shown[~outside], student[~outside])
+        assert (student[outside] == 255).all() and (shown[outside] < 255).any(axis=-1).all()
+    # without augmentation the teacher's copy is the crop mirrored at its edges, exactly
+    padded = np.pad(image, ((16, 16), (16, 16), (0, 0)), mode="symmetric")
+    windows = {padded[r:r + 16, c:c + 16].tobytes() for r in range(41) for c in range(41)}
+    for patch in batch(True, None)[3]:
+        assert np.ascontiguousarray(patch.transpose(1, 2, 0)).tobytes() in windows
 
 
 def test_set_overrides_reach_every_set_or_one(tmp_path):

@@ -281,6 +281,10 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
     assert differ(run_with(["train.teacher_tta=flips"], "f"), got)
     with pytest.raises(ConfigError, match="teacher_tta must be one of none, flips, dihedral"):
         load_config(taught, ["train.teacher_tta=d4"])
+    # the teacher shown the crops mirrored beyond their edges: other targets again
+    assert differ(run_with(["train.teacher_edge=mirror"], "e"), got)
+    with pytest.raises(ConfigError, match="teacher_edge must be one of glass, mirror"):
+        load_config(taught, ["train.teacher_edge=reflect"])
     for bad in ("1.0", "-0.1"):
         with pytest.raises(ConfigError, match="teacher_label_mix must be in"):
             load_config(taught, [f"train.teacher_label_mix={bad}"])
@@ -288,6 +292,8 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
         load_config(config, ["train.teacher_colour=original"])
     with pytest.raises(ConfigError, match="teacher_tta = \"dihedral\" needs a teacher"):
         load_config(config, ["train.teacher_tta=dihedral"])
+    with pytest.raises(ConfigError, match="teacher_edge = \"mirror\" needs a teacher"):
+        load_config(config, ["train.teacher_edge=mirror"])
     # half a teacher is refused: the sets without train.teacher, and train.teacher alone
     (tmp_path / "a.toml").write_text(text)
     with pytest.raises(ConfigError, match="a teacher needs both"):

@@ -17,6 +17,7 @@ from typing import Any
 from .augment import AugmentConfig
 
 TEACHER_TTA = ("none", "flips", "dihedral")   # train.teacher_tta: 1, 4 or 8 copies
+TEACHER_EDGE = ("glass", "mirror")             # train.teacher_edge: beyond an image's edge
 
 
 class ConfigError(ValueError):
@@ -150,6 +151,10 @@ class TrainSection:
                                          # flipped ("flips": 4 copies) or flipped and
                                          # transposed ("dihedral": 8 copies): a teacher a little
                                          # better than the model itself, at that many forwards
+    teacher_edge: str = "glass"          # what the teacher sees beyond an image pair's edge:
+                                         # white, as the student ("glass"), or the image
+                                         # mirrored ("mirror"), so that near a crop's cut edge
+                                         # the student learns the teacher's calls in context
 
 
 @dataclass(frozen=True)
@@ -284,7 +289,11 @@ def check(cfg: Config) -> None:
     if cfg.train.teacher_tta not in TEACHER_TTA:
         raise ConfigError(f"train.teacher_tta must be one of {', '.join(TEACHER_TTA)}, got "
                           f"{cfg.train.teacher_tta!r}")
-    for key, plain in (("teacher_tta", "none"), ("teacher_colour", "augmented")):
+    if cfg.train.teacher_edge not in TEACHER_EDGE:
+        raise ConfigError(f"train.teacher_edge must be one of {', '.join(TEACHER_EDGE)}, got "
+                          f"{cfg.train.teacher_edge!r}")
+    for key, plain in (("teacher_tta", "none"), ("teacher_colour", "augmented"),
+                       ("teacher_edge", "glass")):
         value = getattr(cfg.train, key)
         if value != plain and not cfg.train.teacher:
             raise ConfigError(f"train.{key} = \"{value}\" needs a teacher (train.teacher and "

@@ -141,13 +141,25 @@ def load_pairs(index: str | Path, mapping: Mapping_, *, split: str | None = None
                       scale=scale, annotation=annotation) for r in rows]
 
 
-def read_region(item: Item, row: int, col: int, size: int) -> np.ndarray:
+def mirrored(index: np.ndarray, n: int) -> np.ndarray:
+    """Positions ``index`` folded into ``[0, n)`` by mirroring at the edges (edge pixel
+    repeated: ... 1 0 | 0 1 ... n-1 | n-1 n-2 ...), for any distance outside."""
+    period = np.mod(index, 2 * n)
+    return np.where(period < n, period, 2 * n - 1 - period)
+
+
+def read_region(item: Item, row: int, col: int, size: int, mirror: bool = False) -> np.ndarray:
     """RGB ``[size, size, 3]`` uint8 of ``item`` at the model mpp, top-left (row, col).
 
-    Image pairs: white outside the image. Slides: read by the engine's reader
-    (:meth:`wsiseg.slide.Slide.read`), so outside the slide and its transparent pixels are the
-    slide's background colour, as in inference.
+    Image pairs: white outside the image, or with ``mirror`` the image mirrored at its edges.
+    Slides: read by the engine's reader (:meth:`wsiseg.slide.Slide.read`), so outside the slide
+    and its transparent pixels are the slide's background colour, as in inference (``mirror``
+    does not apply: a slide has its own surroundings).
     """
+    if item.image is not None and mirror:
+        h, w = item.image.shape[:2]
+        rows = mirrored(np.arange(row, row + size), h)
+        return item.image[np.ix_(rows, mirrored(np.arange(col, col + size), w))]
     if item.image is not None:
         out = np.full((size, size, 3), 255, dtype=np.uint8)
         h, w = item.image.shape[:2]

@@ -11,6 +11,7 @@ paper's "combined" setting).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,15 +74,17 @@ def sample_center(index: ClassIndex, p_class: np.ndarray, jitter_px: int,
     return i, row, col
 
 
-def extract(item: Item, row: int, col: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image and labels of the ``size`` patch centred on (row, col); 0 labels outside."""
+def extract(item: Item, row: int, col: int, size: int,
+            mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Image and labels of the ``size`` patch centred on (row, col); 0 labels outside (the
+    image white there, or mirrored: :func:`read_region`)."""
     r0, c0 = row - size // 2, col - size // 2
     labels = np.zeros((size, size), dtype=np.uint8)
     h, w = item.labels.shape
     a, b, c, d = max(r0, 0), max(c0, 0), min(r0 + size, h), min(c0 + size, w)
     if c > a and d > b:
         labels[a - r0:c - r0, b - c0:d - c0] = item.labels[a:c, b:d]
-    return read_region(item, r0, c0, size), labels
+    return read_region(item, r0, c0, size, mirror), labels
 
 
 GLASS_RGB = (np.array([236, 232, 238]), np.array([252, 250, 252]))  # range of empty glass
@@ -118,7 +121,8 @@ class Sampler:
                  augment_cfg: AugmentConfig | None, rng: np.random.Generator,
                  mosaic_p: float = 0.0, island_p: float = 0.0,
                  island_px: tuple[int, int] = (48, 112), background: int = 0,
-                 teacher_original_colour: bool = False, aggregate_p: float = 0.0,
+                 teacher_original_colour: bool = False, teacher_mirror_edge: bool = False,
+                 aggregate_p: float = 0.0,
                  aggregates: tuple[NucleusBank, int] | None = None) -> None:
         if not items:
             raise ValueError("no training items: check the training sets and their split")
@@ -126,6 +130,7 @@ class Sampler:
         self.mosaic_p, self.island_p, self.island_px = mosaic_p, island_p, island_px
         self.background = background
         self.teacher_original_colour = teacher_original_colour
+        self.teacher_mirror_edge = teacher_mirror_edge
         if aggregate_p and aggregates is None:
             raise ValueError("aggregate_p needs aggregates = (nucleus bank, class value)")
         self.aggregate_p, self.aggregates = aggregate_p, aggregates
@@ -160,9 +165,13 @@ class Sampler:
         (neither mosaic, island nor aggregate), whose targets are the teacher's outputs, and the
         images the teacher is shown: the same ones, or with ``teacher_original_colour`` each
         taught patch before its colour augmentation (same geometry), so that the student learns
-        the teacher's calls on the training lab's colours under other stains. Either way the
-        random draws are the same."""
+        the teacher's calls on the training lab's colours under other stains; with
+        ``teacher_mirror_edge`` the teacher's copy of a taught patch shows the image mirrored
+        beyond its edge where the student's shows white (same geometry and colour draws), so
+        that the student learns the teacher's calls in context near a crop's cut edge. Either
+        way the random draws are the same."""
         images, labels, teach, shown = [], [], [], []
+        separate = self.teacher_original_colour or self.teacher_mirror_edge
         for _, item, row, col in self.centers(n, rng):
             plain = True
             if self.mosaic_p and rng.random() < self.mosaic_p:
@@ -176,10 +185,22 @@ class Sampler:
             if self.aggregate_p and rng.random() < self.aggregate_p:
                 plain = False
                 img, lab = paste(img, lab, *self.aggregates, rng)
-            original = img
+            mirror = self.teacher_mirror_edge and plain and item.teacher
+            if mirror:   # one geometry for both copies: the teacher's rides as channels 3-5
+                img = np.concatenate(
+                    [img, extract(item, row, col, self.patch_px, mirror=True)[0]], axis=2)
+            original, colour_rng = img, None
             if self.augment_cfg is not None:
                 original, lab = geometric(img, lab, self.augment_cfg, rng)
-                img = photometric(original, self.augment_cfg, rng)
+                colour_rng = copy.deepcopy(rng) if mirror else None  # the same colour draws
+            img = original[..., :3]
+            if self.augment_cfg is not None:
+                img = photometric(img, self.augment_cfg, rng)
+            teacher_img = original[..., :3] if self.teacher_original_colour else img
+            if mirror:
+                teacher_img = original[..., 3:]
+                if colour_rng is not None and not self.teacher_original_colour:
+                    teacher_img = photometric(teacher_img, self.augment_cfg, colour_rng)
             if self.island_p and rng.random() < self.island_p:  # glass is not colour-augmented
                 plain = False
                 side = int(rng.integers(self.island_px[0], self.island_px[1] + 1))
@@ -187,11 +208,11 @@ class Sampler:
             images.append(img.transpose(2, 0, 1))
             labels.append(lab)
             teach.append(plain and item.teacher)
-            if self.teacher_original_colour:
-                shown.append((original if plain and item.teacher else img).transpose(2, 0, 1))
+            if separate:
+                shown.append((teacher_img if plain and item.teacher else img).transpose(2, 0, 1))
         stacked = np.stack(images)
         return (stacked, np.stack(labels), np.array(teach, bool),
-                np.stack(shown) if self.teacher_original_colour else stacked)
+                np.stack(shown) if separate else stacked)
 
 
 def validation_set(items: list[Item], *, patch_px: int, n_patches: int,

@@ -223,6 +223,7 @@ def make_sampler(cfg: Config, items: list[Item]) -> Sampler:
                    island_px=cfg.data.island_px,
                    background=values[cfg.model.background] if cfg.model.background else 0,
                    teacher_original_colour=cfg.train.teacher_colour == "original",
+                   teacher_mirror_edge=cfg.train.teacher_edge == "mirror",
                    aggregate_p=cfg.data.aggregate_p, aggregates=aggregates)
 
 
