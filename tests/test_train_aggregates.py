@@ -98,7 +98,7 @@ def test_sampler_pastes_aggregates_into_unlabelled_untaught_patches():
     sampler = Sampler([item], patch_px=32, jitter_px=0, sparse_dense_ratio=1.0,
                       class_weights=None, augment_cfg=None, rng=np.random.default_rng(0),
                       aggregate_p=0.5, aggregates=(bank, 2))
-    _, labs, teach, _ = sampler.batch_with_teacher(200, np.random.default_rng(1))
+    _, labs, teach, _, _ = sampler.batch_with_teacher(200, np.random.default_rng(1))
     pasted = (labs == 2).any(axis=(1, 2))
     assert 0.35 < pasted.mean() < 0.65
     assert not teach[pasted].any() and teach[~pasted].all()

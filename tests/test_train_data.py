@@ -186,21 +186,22 @@ def test_teacher_flags_only_whole_context_patches_of_teacher_sets():
     def sampler(items, **kw):
         return Sampler(items, patch_px=16, jitter_px=0, sparse_dense_ratio=1.0,
                        class_weights=None, augment_cfg=None, rng=np.random.default_rng(0), **kw)
-    _, _, teach, _ = sampler([taught]).batch_with_teacher(6, np.random.default_rng(1))
+    teach = sampler([taught]).batch_with_teacher(6, np.random.default_rng(1)).teach
     assert teach.tolist() == [True] * 6
-    _, _, teach, _ = sampler([_item(a)]).batch_with_teacher(6, np.random.default_rng(1))
+    teach = sampler([_item(a)]).batch_with_teacher(6, np.random.default_rng(1)).teach
     assert not teach.any()
-    _, _, teach, _ = sampler([taught], island_p=1.0, island_px=(8, 12),
-                             background=1).batch_with_teacher(6, np.random.default_rng(1))
+    teach = sampler([taught], island_p=1.0, island_px=(8, 12),
+                    background=1).batch_with_teacher(6, np.random.default_rng(1)).teach
     assert not teach.any()
-    _, _, teach, _ = sampler([taught], mosaic_p=0.5).batch_with_teacher(
-        400, np.random.default_rng(1))
+    teach = sampler([taught], mosaic_p=0.5).batch_with_teacher(
+        400, np.random.default_rng(1)).teach
     assert 0.4 < teach.mean() < 0.6
     # the flags draw no random numbers: batch() gives the same patches as before
     s = sampler([taught], mosaic_p=0.5)
     x1, y1 = s.batch(5, np.random.default_rng(7))
-    x2, y2, _, shown = s.batch_with_teacher(5, np.random.default_rng(7))
+    x2, y2, _, shown, inside = s.batch_with_teacher(5, np.random.default_rng(7))
     assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and np.array_equal(shown, x1)
+    assert inside.all()
 
 
 def test_teacher_can_be_shown_the_patch_before_its_colour_augmentation():
@@ -274,9 +275,10 @@ def test_teacher_can_be_shown_the_crop_mirrored_beyond_its_edge():
         outside = lab == 0
         assert outside.any() and (~outside).any()
         # inside the crop the teacher sees the student's pixels (same colour draws), outside
-        # tissue where the student sees white
+        # tissue where the student sees white; the teacher's calls there are no target
         assert np.array_equal(shown[~outside], student[~outside])
         assert (student[outside] == 255).all() and (shown[outside] < 255).any(axis=-1).all()
+        assert np.array_equal(mirror.inside, ~outside) and glass.inside.all()
     # without augmentation the teacher's copy is the crop mirrored at its edges, exactly
     padded = np.pad(image, ((16, 16), (16, 16), (0, 0)), mode="symmetric")
     windows = {padded[r:r + 16, c:c + 16].tobytes() for r in range(41) for c in range(41)}

@@ -204,6 +204,16 @@ def test_teacher_loss_is_the_soft_cross_entropy_with_no_pull_at_agreement():
     logits.grad = None
     teacher_loss(logits, other).backward()
     assert float(logits.grad[:, 0].max()) < 0        # pushes class 0 up everywhere
+    # masked: the mean over the pixels kept, and no pull at all on the others
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[:, :, :2] = True
+    logits.grad = None
+    masked = teacher_loss(logits, other, mask=mask)
+    per_pixel = -(other.softmax(1) * logits.detach().log_softmax(1)).sum(1)
+    assert float(masked.detach()) == pytest.approx(float(per_pixel[mask].mean()), rel=1e-5)
+    masked.backward()
+    assert float(logits.grad[:, 0, :, :2].max()) < 0 and not logits.grad[:, :, :, 2:].any()
+    assert float(teacher_loss(logits, other, mask=torch.zeros_like(mask))) == 0.0
 
 
 def test_teacher_label_mix_moves_labelled_targets_towards_the_label_only():

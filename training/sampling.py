@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -113,6 +114,14 @@ def island(image: np.ndarray, labels: np.ndarray, side_px: int, background: int,
     return out, lab
 
 
+class TeacherBatch(NamedTuple):
+    images: np.ndarray    # [n, 3, P, P] uint8, what the student is shown
+    labels: np.ndarray    # [n, P, P] uint8
+    teach: np.ndarray     # [n] bool: patches whose targets are the teacher's outputs
+    shown: np.ndarray     # [n, 3, P, P] uint8, what the teacher is shown
+    inside: np.ndarray    # [n, P, P] bool: pixels whose teacher's outputs are targets
+
+
 class Sampler:
     """Draws augmented training batches from sparse and/or dense items."""
 
@@ -156,21 +165,22 @@ class Sampler:
 
     def batch(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """``images [n, 3, P, P]`` uint8 and ``labels [n, P, P]`` uint8."""
-        images, labels, _, _ = self.batch_with_teacher(n, rng)
-        return images, labels
+        b = self.batch_with_teacher(n, rng)
+        return b.images, b.labels
 
-    def batch_with_teacher(self, n: int, rng: np.random.Generator
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def batch_with_teacher(self, n: int, rng: np.random.Generator) -> TeacherBatch:
         """:meth:`batch`, ``teach [n]`` bool: patches of a teacher set in their whole context
         (neither mosaic, island nor aggregate), whose targets are the teacher's outputs, and the
         images the teacher is shown: the same ones, or with ``teacher_original_colour`` each
         taught patch before its colour augmentation (same geometry), so that the student learns
         the teacher's calls on the training lab's colours under other stains; with
-        ``teacher_mirror_edge`` the teacher's copy of a taught patch shows the image mirrored
-        beyond its edge where the student's shows white (same geometry and colour draws), so
-        that the student learns the teacher's calls in context near a crop's cut edge. Either
-        way the random draws are the same."""
-        images, labels, teach, shown = [], [], [], []
+        ``teacher_mirror_edge`` the teacher's copy of a taught image pair's patch shows the
+        image mirrored beyond its edge where the student's shows white (same geometry and
+        colour draws), so that the student learns the teacher's calls in context near a crop's
+        cut edge, and ``inside`` is False beyond that edge (the teacher's calls on mirrored
+        tissue are no target for the student's glass). Either way the random draws are the
+        same."""
+        images, labels, teach, shown, inside = [], [], [], [], []
         separate = self.teacher_original_colour or self.teacher_mirror_edge
         for _, item, row, col in self.centers(n, rng):
             plain = True
@@ -185,10 +195,16 @@ class Sampler:
             if self.aggregate_p and rng.random() < self.aggregate_p:
                 plain = False
                 img, lab = paste(img, lab, *self.aggregates, rng)
-            mirror = self.teacher_mirror_edge and plain and item.teacher
-            if mirror:   # one geometry for both copies: the teacher's rides as channels 3-5
-                img = np.concatenate(
-                    [img, extract(item, row, col, self.patch_px, mirror=True)[0]], axis=2)
+            mirror = (self.teacher_mirror_edge and plain and item.teacher
+                      and item.image is not None)
+            if mirror:   # one geometry for all: the teacher's copy and the crop's extent ride
+                # along as channels 3-5 and 6
+                rows, cols = (np.arange(p - self.patch_px // 2, p + (self.patch_px + 1) // 2)
+                              for p in (row, col))
+                h, w = item.image.shape[:2]
+                within = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))
+                img = np.concatenate([img, extract(item, row, col, self.patch_px, mirror=True)[0],
+                                      within[..., None].astype(np.uint8) * 255], axis=2)
             original, colour_rng = img, None
             if self.augment_cfg is not None:
                 original, lab = geometric(img, lab, self.augment_cfg, rng)
@@ -197,8 +213,9 @@ class Sampler:
             if self.augment_cfg is not None:
                 img = photometric(img, self.augment_cfg, rng)
             teacher_img = original[..., :3] if self.teacher_original_colour else img
+            keep = np.ones(lab.shape, bool)
             if mirror:
-                teacher_img = original[..., 3:]
+                teacher_img, keep = original[..., 3:6], original[..., 6] >= 128
                 if colour_rng is not None and not self.teacher_original_colour:
                     teacher_img = photometric(teacher_img, self.augment_cfg, colour_rng)
             if self.island_p and rng.random() < self.island_p:  # glass is not colour-augmented
@@ -208,11 +225,12 @@ class Sampler:
             images.append(img.transpose(2, 0, 1))
             labels.append(lab)
             teach.append(plain and item.teacher)
+            inside.append(keep)
             if separate:
                 shown.append((teacher_img if plain and item.teacher else img).transpose(2, 0, 1))
         stacked = np.stack(images)
-        return (stacked, np.stack(labels), np.array(teach, bool),
-                np.stack(shown) if separate else stacked)
+        return TeacherBatch(stacked, np.stack(labels), np.array(teach, bool),
+                            np.stack(shown) if separate else stacked, np.stack(inside))
 
 
 def validation_set(items: list[Item], *, patch_px: int, n_patches: int,

@@ -102,8 +102,10 @@ def teacher_outputs(teacher: torch.nn.Module, x: torch.Tensor, tta: str = "none"
 
 
 def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
-                 labels: torch.Tensor | None = None, label_mix: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of the model's softmax against the teacher's, averaged over pixels.
+                 labels: torch.Tensor | None = None, label_mix: float = 0.0,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the model's softmax against the teacher's, averaged over pixels (those
+    where ``mask`` [N, H, W] is True, if given; 0 when there are none).
 
     With ``labels`` (values 1..C, 0 = unannotated) and ``label_mix`` > 0, the target of each
     labelled pixel is ``(1 - label_mix) * teacher + label_mix * one-hot(label)``: the label
@@ -117,7 +119,10 @@ def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
                                              target.shape[1]).permute(0, 3, 1, 2).float()
         mixed = (1 - label_mix) * target + label_mix * onehot
         target = torch.where(labelled[:, None], mixed, target)
-    return -(target * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
+    ce = -(target * logits.float().log_softmax(dim=1)).sum(dim=1)
+    if mask is None:
+        return ce.mean()
+    return (ce * mask).sum() / mask.sum().clamp_min(1)
 
 
 def check_resumable(saved: Config, cfg: Config) -> None:
@@ -245,7 +250,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
         if teacher is None:
             images, labels = sampler.batch(cfg.train.batch_size, rng)
         else:
-            images, labels, teach, shown = sampler.batch_with_teacher(cfg.train.batch_size, rng)
+            images, labels, teach, shown, inside = sampler.batch_with_teacher(
+                cfg.train.batch_size, rng)
             taught_labels = labels[teach].copy()
             labels[teach] = 0
         x, y = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
@@ -260,7 +266,7 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
                                          cfg.train.teacher_tta)
             loss = loss + cfg.train.teacher_weight * teacher_loss(
                 logits[idx], target, torch.from_numpy(taught_labels).to(device),
-                cfg.train.teacher_label_mix)
+                cfg.train.teacher_label_mix, torch.from_numpy(inside[teach]).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
