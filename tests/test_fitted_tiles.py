@@ -72,8 +72,9 @@ def _segment(slide: Path, out: Path) -> tuple[np.ndarray, dict]:
 
 @pytest.mark.skipif(not MODEL.exists() or not DEMO.exists(), reason="needs the shipped model")
 def test_fitted_edge_tiles_give_the_same_map_as_square_tiles(tmp_path, monkeypatch):
-    """The default model (112 px border = its receptive field) on real tissue: 400 x 350 px of
-    the demo, 512 px tiles (288 px cores), so three of four tiles are edge tiles."""
+    """The default model (its border = its measured context) on real tissue: 400 x 350 px of
+    the demo, 512 px tiles (cores of 512 - 2 * border px, under 350), so three of four tiles are
+    edge tiles."""
     with Slide(DEMO) as s:
         rgb, _ = s.read(s.plan(1.0), 300, 200, 400, 350)
     make_slide(tmp_path / "crop.tif", rgb, mpp=1.0, levels=1, tile_px=128)
@@ -82,12 +83,17 @@ def test_fitted_edge_tiles_give_the_same_map_as_square_tiles(tmp_path, monkeypat
     square, rep_square = _segment(tmp_path / "crop.tif", tmp_path / "square.tif")
     assert rep_fitted["tiles"]["fitted_edges"] and not rep_square["tiles"]["fitted_edges"]
     assert rep_fitted["tiles"]["run"] == rep_square["tiles"]["run"] == 4
-    assert sorted(rep_fitted["tiles"]["shapes"]) == [[336, 288, 1], [336, 512, 1],
-                                                     [512, 288, 1], [512, 512, 1]]
+    # each edge tile: the rest of the side beyond the first core, plus both borders, rounded
+    # up to the size multiple (112 px border: 336 x 288; 96 px: 272 x 224)
+    c = load_model(MODEL, device="cpu").contract
+    b, m = c.border_px, c.size_multiple
+    assert 512 - 2 * b < 350
+    rows, cols = (-(-(side - (512 - 2 * b) + 2 * b) // m) * m for side in (400, 350))
+    assert sorted(rep_fitted["tiles"]["shapes"]) == sorted(
+        [[rows, cols, 1], [rows, 512, 1], [512, cols, 1], [512, 512, 1]])
     assert rep_square["tiles"]["shapes"] == [[512, 512, 4]]
-    # 512² + 512·288 + 336·512 + 336·288 against 4 · 512²
     assert rep_fitted["tiles"]["computed_px_per_output_px"] == pytest.approx(
-        (512 * 512 + 512 * 288 + 336 * 512 + 336 * 288) / (400 * 350))
+        (512 * 512 + 512 * cols + rows * 512 + rows * cols) / (400 * 350))
     assert rep_square["tiles"]["computed_px_per_output_px"] == pytest.approx(
         4 * 512 * 512 / (400 * 350))
     assert len(np.unique(square)) >= 2
