@@ -209,6 +209,13 @@ def test_shipped_default_model_contract_and_output():
     assert list(c.stroma_classes) == ["desmoplastic stroma"]
     assert c.background == "background" and c.mpp == 1.0 and c.input == "uint8"
     assert 1024 % c.size_multiple == 0 and 0 < c.border_px < 1024 // 4
+    # the card describes this file: its version, border and class offsets
+    card = (ROOT / "models" / "wsiseg-ebhi-unet.md").read_text()
+    assert f"**Version {c.version}**" in card and f"border {c.border_px} px" in card
+    offsets = c.training["class_offsets"]["offsets"]
+    for name, text in (("lamina propria stroma", "lamina propria"),
+                       ("healthy glands", "healthy glands"), ("background", "background")):
+        assert f"{text} {offsets[name]:+.2f}".replace("-", "−").rstrip("0").rstrip(".") in card
     # an all-white tile is background, at an inference tile size other than the training patch
     white = np.full((1, 3, 256, 256), 255, np.uint8)
     logits = session.run(None, {session.get_inputs()[0].name: white})[0]
