@@ -155,6 +155,7 @@ class TrainSection:
                                          # white, as the student ("glass"), or the image
                                          # mirrored ("mirror"), so that near a crop's cut edge
                                          # the student learns the teacher's calls in context
+                                         # (none beyond the edge: the loss is masked there)
 
 
 @dataclass(frozen=True)
