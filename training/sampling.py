@@ -199,11 +199,11 @@ class Sampler:
                       and item.image is not None)
             if mirror:   # one geometry for all: the teacher's copy and the crop's extent ride
                 # along as channels 3-5 and 6
-                rows, cols = (np.arange(p - self.patch_px // 2, p + (self.patch_px + 1) // 2)
-                              for p in (row, col))
+                r0, c0, size = row - self.patch_px // 2, col - self.patch_px // 2, self.patch_px
                 h, w = item.image.shape[:2]
+                rows, cols = np.arange(size) + r0, np.arange(size) + c0
                 within = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))
-                img = np.concatenate([img, extract(item, row, col, self.patch_px, mirror=True)[0],
+                img = np.concatenate([img, read_region(item, r0, c0, size, mirror=True),
                                       within[..., None].astype(np.uint8) * 255], axis=2)
             original, colour_rng = img, None
             if self.augment_cfg is not None:
