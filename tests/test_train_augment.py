@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from wsiseg_train.augment import AugmentConfig, augment
+from wsiseg_train.augment import AugmentConfig, augment, class_stain, draw_class_stain
 
 OFF = {k: False for k in ("flip", "rot90", "rotate", "elastic", "blur", "gamma", "hsv", "hed",
                           "contrast")}
@@ -103,3 +103,44 @@ def test_stain_ranges_scale_the_eosin_amount():
 def test_bad_stain_range(bounds):
     with pytest.raises(ValueError, match="hed_e_range must be"):
         AugmentConfig(hed_e_range=bounds)
+
+
+def test_class_stain_scales_the_chosen_classes_only():
+    """Stroma-labelled pixels get (h, e) times their haematoxylin and eosin; pixels farther than
+    4 sigma from them keep their values exactly, and the mask's edge is soft."""
+    from skimage.color import rgb2hed
+
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.integers(150, 230, (40, 40)), rng.integers(60, 140, (40, 40)),
+                      rng.integers(150, 220, (40, 40))], axis=-1).astype(np.uint8)
+    labels = np.ones((40, 40), np.uint8)
+    labels[:, 20:] = 2
+    out = class_stain(image, labels, (2,), (1.5, 2.0), sigma=1.0)
+    assert np.array_equal(out[:, :15], image[:, :15])
+    before, after = rgb2hed(image[:, 25:]), rgb2hed(out[:, 25:])
+    assert after[..., 0].mean() / before[..., 0].mean() == pytest.approx(1.5, rel=0.05)
+    assert after[..., 1].mean() / before[..., 1].mean() == pytest.approx(2.0, rel=0.05)
+    assert out[:, 25:].mean() < image[:, 25:].mean() - 10           # darker
+    # soft edge: the eosin gain ramps up across the boundary instead of jumping
+    gain = rgb2hed(out)[..., 1].mean(0) / rgb2hed(image)[..., 1].mean(0)
+    assert 1.05 < gain[19] < gain[20] < 1.95
+    assert np.array_equal(class_stain(image, labels, (3,), (1.5, 2.0)), image)   # absent class
+    assert np.array_equal(class_stain(image, labels, (2,), (1.0, 1.0)), image)
+
+
+def test_class_stain_draws():
+    cfg = AugmentConfig(class_stain_p=0.25, class_stain_classes=("stroma",),
+                        class_stain_h=(1.0, 1.5), class_stain_e=(2.0, 3.0))
+    rng = np.random.default_rng(0)
+    draws = [draw_class_stain(cfg, rng) for _ in range(2000)]
+    kept = [d for d in draws if d is not None]
+    assert 0.2 < len(kept) / len(draws) < 0.3
+    h, e = np.array(kept).T
+    assert 1.0 <= h.min() and h.max() <= 1.5 and 2.0 <= e.min() and e.max() <= 3.0
+    assert draw_class_stain(AugmentConfig(), rng) is None
+    with pytest.raises(ValueError, match="class_stain_p needs class_stain_classes"):
+        AugmentConfig(class_stain_p=0.5)
+    with pytest.raises(ValueError, match="class_stain_p must be in"):
+        AugmentConfig(class_stain_p=1.5, class_stain_classes=("stroma",))
+    with pytest.raises(ValueError, match="class_stain_e must be"):
+        AugmentConfig(class_stain_e=(0.0, 2.0))

@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from skimage.io import imsave
 from train_helpers import EBHI_INDEX, tiny_config_text, write_pairs
 from wsiseg_train.augment import AugmentConfig
@@ -237,6 +238,33 @@ def test_teacher_can_be_shown_the_patch_before_its_colour_augmentation():
     assert not other[2].any() and np.array_equal(other[3], other[0])
 
 
+def test_class_stain_changes_the_students_copy_only():
+    """The stroma's stain is changed in the student's patch; the teacher is shown the patch as
+    the lab stained it (same geometry and colour draws), and labels are untouched."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(60, 200, (48, 48, 3), dtype=np.uint8)
+    labels = np.ones((48, 48), np.uint8)
+    labels[:, 24:] = 2
+    taught = Item(image=image, labels=labels, annotation="dense", name="a", teacher=True)
+    cfg = AugmentConfig(elastic=False, rotate=False, blur=False, lab=False, probability=1.0,
+                        class_stain_p=1.0, class_stain_classes=("b",),
+                        class_stain_h=(1.4, 1.4), class_stain_e=(2.0, 2.0))
+    s = Sampler([taught], patch_px=16, jitter_px=0, sparse_dense_ratio=1.0, class_weights=None,
+                augment_cfg=cfg, rng=np.random.default_rng(0), class_stain_values=(2,))
+    b = s.batch_with_teacher(16, np.random.default_rng(4))
+    student = b.images.transpose(0, 2, 3, 1).astype(int)
+    shown = b.shown.transpose(0, 2, 3, 1).astype(int)
+    stroma = b.labels == 2
+    assert stroma.any() and (~stroma).any() and b.teach.all()
+    assert (student[stroma].sum(-1) < shown[stroma].sum(-1)).mean() > 0.95   # darker
+    far = np.array([ndi.distance_transform_edt(~m) > 4 for m in stroma])
+    assert far.any() and np.array_equal(student[far], shown[far])
+    with pytest.raises(ValueError, match="class_stain_p > 0"):
+        Sampler([taught], patch_px=16, jitter_px=0, sparse_dense_ratio=1.0, class_weights=None,
+                augment_cfg=AugmentConfig(), rng=np.random.default_rng(0),
+                class_stain_values=(2,))
+
+
 def test_mirrored_reads_fold_any_distance_back_into_the_image():
     # -9 ... 12 over a 4-pixel axis: ... 1 0 | 0 1 2 3 | 3 2 1 0 | 0 1 ...
     assert mirrored(np.arange(-9, 13), 4).tolist() == [
@@ -300,3 +328,16 @@ def test_set_overrides_reach_every_set_or_one(tmp_path):
         load_config(tmp_path / "two.toml", ["data.sets.2.weight=0.5"])
     with pytest.raises(ConfigError, match="data.sets.N.key=value"):
         load_config(tmp_path / "two.toml", ["data.sets.x.weight=0.5"])
+
+
+def test_class_stain_config(tmp_path):
+    index = write_pairs(tmp_path / "p", n_train=2, n_val=1)
+    (tmp_path / "c.toml").write_text(tiny_config_text(index))
+    on = ["augment.class_stain_p=0.5", 'augment.class_stain_classes=["other"]',
+          "augment.class_stain_e=[1.0,2.0]"]
+    cfg = load_config(tmp_path / "c.toml", on)
+    assert cfg.augment.class_stain_classes == ("other",) and cfg.augment.class_stain_e == (1, 2)
+    with pytest.raises(ConfigError, match="class 'stroma' is used in the config but not listed"):
+        load_config(tmp_path / "c.toml", [*on[:1], 'augment.class_stain_classes=["stroma"]'])
+    with pytest.raises(ConfigError, match="class_stain_p needs class_stain_classes"):
+        load_config(tmp_path / "c.toml", on[:1])

@@ -295,6 +295,9 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
     assert differ(run_with(["train.teacher_edge=mirror"], "e"), got)
     with pytest.raises(ConfigError, match="teacher_edge must be one of glass, mirror"):
         load_config(taught, ["train.teacher_edge=reflect"])
+    # the stroma's stain changed in the student's copy only: other patches, other weights
+    assert differ(run_with(["augment.class_stain_p=1.0", 'augment.class_stain_classes=["other"]',
+                            "augment.class_stain_e=[2.0,3.0]"], "s"), got)
     for bad in ("1.0", "-0.1"):
         with pytest.raises(ConfigError, match="teacher_label_mix must be in"):
             load_config(taught, [f"train.teacher_label_mix={bad}"])

@@ -51,10 +51,20 @@ class AugmentConfig:
     lab_l_target: tuple[float, float] = (40.0, 60.0)
     lab_a_target: tuple[float, float] = (20.0, 45.0)
     lab_b_target: tuple[float, float] = (-45.0, -5.0)
+    # Stain of chosen classes only (off by default): in one lab's slides stroma may be paler and
+    # less eosinophilic than the epithelium, a colour cue that fails on other labs' darker, redder
+    # stroma. With probability class_stain_p the haematoxylin and eosin amounts of the pixels
+    # labelled with class_stain_classes are scaled by factors drawn log-uniformly from these
+    # ranges (a soft-edged mask, applied after the other colour transforms), so that colour alone
+    # no longer tells those classes from the rest.
+    class_stain_p: float = 0.0
+    class_stain_classes: tuple[str, ...] = ()
+    class_stain_h: tuple[float, float] = (1.0, 1.0)
+    class_stain_e: tuple[float, float] = (1.0, 1.0)
     probability: float = 0.5             # chance of each non-trivial transform per patch
 
     def __post_init__(self) -> None:
-        for name in ("hed_h_range", "hed_e_range"):
+        for name in ("hed_h_range", "hed_e_range", "class_stain_h", "class_stain_e"):
             r = getattr(self, name)
             if len(r) != 2 or not 0 < r[0] <= r[1]:
                 raise ValueError(f"{name} must be [low, high] with 0 < low <= high, got {list(r)}")
@@ -62,6 +72,11 @@ class AugmentConfig:
             r = getattr(self, name)
             if len(r) != 2 or not r[0] <= r[1]:
                 raise ValueError(f"{name} must be [low, high] with low <= high, got {list(r)}")
+        if not 0 <= self.class_stain_p <= 1:
+            raise ValueError(f"class_stain_p must be in [0, 1], got {self.class_stain_p}")
+        if self.class_stain_p and not self.class_stain_classes:
+            raise ValueError("class_stain_p needs class_stain_classes: the classes whose stain "
+                             "is scaled (e.g. [\"desmoplastic stroma\"])")
 
 
 def _warp_pair(image: np.ndarray, labels: np.ndarray, coords: np.ndarray):
@@ -168,6 +183,35 @@ def lab_transfer(x: np.ndarray, target: tuple[float, float, float]) -> np.ndarra
         warnings.simplefilter("ignore", UserWarning)
         rgb = lab2rgb(lab)
     return np.clip(rgb, 0, 1).astype(np.float32)
+
+
+def class_stain(image: np.ndarray, labels: np.ndarray, values: tuple[int, ...],
+                scale: tuple[float, float], sigma: float = 1.0) -> np.ndarray:
+    """``image [H, W, 3] uint8`` with the haematoxylin and eosin amounts of the pixels labelled
+    with any of ``values`` multiplied by ``scale`` (h, e); the mask's edge is blurred by
+    ``sigma`` pixels so that no colour step marks the labels' outline. Pixels farther than
+    4 ``sigma`` from those labels keep their values exactly."""
+    mask = np.isin(labels, values)
+    if not mask.any() or scale == (1.0, 1.0):
+        return image
+    w = gaussian(mask.astype(np.float32), sigma=sigma, mode="nearest")[..., None] if sigma \
+        else mask.astype(np.float32)[..., None]
+    x = image.astype(np.float32) / 255.0
+    hed = rgb2hed(x)
+    hed[..., 0] *= scale[0]
+    hed[..., 1] *= scale[1]
+    out = w * np.clip(hed2rgb(hed), 0, 1) + (1 - w) * x
+    out = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
+    touched = w[..., 0] > 0
+    return np.where(touched[..., None], out, image)
+
+
+def draw_class_stain(cfg: AugmentConfig, rng: np.random.Generator
+                     ) -> tuple[float, float] | None:
+    """The (h, e) scale of one patch, or None (probability 1 - class_stain_p)."""
+    if not cfg.class_stain_p or rng.random() >= cfg.class_stain_p:
+        return None
+    return _log_uniform(cfg.class_stain_h, rng), _log_uniform(cfg.class_stain_e, rng)
 
 
 def augment(image: np.ndarray, labels: np.ndarray, cfg: AugmentConfig,

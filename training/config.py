@@ -243,7 +243,7 @@ def check(cfg: Config) -> None:
     names = cfg.model.classes
     used = [*cfg.model.tumour_classes, *cfg.model.stroma_classes, *cfg.data.class_weights]
     used += [cfg.model.background] if cfg.model.background else []
-    used += [cfg.data.aggregate_class]
+    used += [cfg.data.aggregate_class, *cfg.augment.class_stain_classes]
     for s in cfg.data.sets:
         used += [*s.foreground_map.values(), *s.values.values(), *s.class_map.values()]
         used += [n for n in (s.foreground, s.background) if n]

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .aggregates import NucleusBank, paste
-from .augment import AugmentConfig, geometric, photometric
+from .augment import AugmentConfig, class_stain, draw_class_stain, geometric, photometric
 from .data import Item, read_region
 
 MAX_POINTS = 200_000  # annotated pixels kept per class and item for sampling
@@ -132,7 +132,8 @@ class Sampler:
                  island_px: tuple[int, int] = (48, 112), background: int = 0,
                  teacher_original_colour: bool = False, teacher_mirror_edge: bool = False,
                  aggregate_p: float = 0.0,
-                 aggregates: tuple[NucleusBank, int] | None = None) -> None:
+                 aggregates: tuple[NucleusBank, int] | None = None,
+                 class_stain_values: tuple[int, ...] = ()) -> None:
         if not items:
             raise ValueError("no training items: check the training sets and their split")
         self.patch_px, self.jitter_px, self.augment_cfg = patch_px, jitter_px, augment_cfg
@@ -143,6 +144,9 @@ class Sampler:
         if aggregate_p and aggregates is None:
             raise ValueError("aggregate_p needs aggregates = (nucleus bank, class value)")
         self.aggregate_p, self.aggregates = aggregate_p, aggregates
+        if class_stain_values and not (augment_cfg and augment_cfg.class_stain_p):
+            raise ValueError("class_stain_values need an augment config with class_stain_p > 0")
+        self.class_stain_values = class_stain_values
         self.groups = []
         for kind in ("sparse", "dense"):
             group = [it for it in items if it.annotation == kind]
@@ -178,10 +182,12 @@ class Sampler:
         image mirrored beyond its edge where the student's shows white (same geometry and
         colour draws), so that the student learns the teacher's calls in context near a crop's
         cut edge, and ``inside`` is False beyond that edge (the teacher's calls on mirrored
-        tissue are no target for the student's glass). Either way the random draws are the
-        same."""
+        tissue are no target for the student's glass). The stain of chosen classes
+        (``class_stain_values``) is changed in the student's copy only: the teacher makes its
+        calls on the patch as the lab stained it. Either way the random draws are the same."""
         images, labels, teach, shown, inside = [], [], [], [], []
-        separate = self.teacher_original_colour or self.teacher_mirror_edge
+        separate = (self.teacher_original_colour or self.teacher_mirror_edge
+                    or bool(self.class_stain_values))
         for _, item, row, col in self.centers(n, rng):
             plain = True
             if self.mosaic_p and rng.random() < self.mosaic_p:
@@ -218,6 +224,10 @@ class Sampler:
                 teacher_img, keep = original[..., 3:6], original[..., 6] >= 128
                 if colour_rng is not None and not self.teacher_original_colour:
                     teacher_img = photometric(teacher_img, self.augment_cfg, colour_rng)
+            if self.class_stain_values:
+                scale = draw_class_stain(self.augment_cfg, rng)
+                if scale is not None:
+                    img = class_stain(img, lab, self.class_stain_values, scale)
             if self.island_p and rng.random() < self.island_p:  # glass is not colour-augmented
                 plain = False
                 side = int(rng.integers(self.island_px[0], self.island_px[1] + 1))
