@@ -184,7 +184,8 @@ class Sampler:
         cut edge, and ``inside`` is False beyond that edge (the teacher's calls on mirrored
         tissue are no target for the student's glass). The stain of chosen classes
         (``class_stain_values``) is changed in the student's copy only: the teacher makes its
-        calls on the patch as the lab stained it. Either way the random draws are the same."""
+        calls on the patch as the lab stained it. What the teacher is shown draws no random
+        numbers of its own: the student's patches are the same either way."""
         images, labels, teach, shown, inside = [], [], [], [], []
         separate = (self.teacher_original_colour or self.teacher_mirror_edge
                     or bool(self.class_stain_values))
