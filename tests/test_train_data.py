@@ -240,14 +240,14 @@ def test_teacher_can_be_shown_the_patch_before_its_colour_augmentation():
 
 def test_class_stain_changes_the_students_copy_only():
     """The stroma's stain is changed in the student's patch; the teacher is shown the patch as
-    the lab stained it (same geometry and colour draws), and labels are untouched."""
+    the lab stained it (same geometry and colour draws)."""
     rng = np.random.default_rng(0)
     image = rng.integers(60, 200, (48, 48, 3), dtype=np.uint8)
     labels = np.ones((48, 48), np.uint8)
     labels[:, 24:] = 2
     taught = Item(image=image, labels=labels, annotation="dense", name="a", teacher=True)
     cfg = AugmentConfig(elastic=False, rotate=False, blur=False, lab=False, probability=1.0,
-                        class_stain_p=1.0, class_stain_classes=("b",),
+                        class_stain_p=1.0, class_stain_classes=("stroma",),
                         class_stain_h=(1.4, 1.4), class_stain_e=(2.0, 2.0))
     s = Sampler([taught], patch_px=16, jitter_px=0, sparse_dense_ratio=1.0, class_weights=None,
                 augment_cfg=cfg, rng=np.random.default_rng(0), class_stain_values=(2,))
