@@ -139,6 +139,12 @@ def _log_uniform(bounds: tuple[float, float], rng: np.random.Generator) -> float
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) if hi > lo else float(lo)
 
 
+def _restained(hed: np.ndarray, scale: np.ndarray, shift: np.ndarray | float = 0.0
+               ) -> np.ndarray:
+    """RGB (float32, not clipped) of stain amounts ``hed`` scaled and shifted per channel."""
+    return hed2rgb(hed * scale + shift).astype(np.float32)
+
+
 def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     x = image.astype(np.float32) / 255.0
     p = cfg.probability
@@ -150,7 +156,7 @@ def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
         scale[0] *= _log_uniform(cfg.hed_h_range, rng)
         scale[1] *= _log_uniform(cfg.hed_e_range, rng)
         shift = rng.normal(0.0, cfg.hed_sigma, size=3) * np.abs(hed).max(axis=(0, 1))
-        x = hed2rgb(hed * scale + shift).astype(np.float32)
+        x = _restained(hed, scale, shift)
     if cfg.hsv and rng.random() < p:
         hsv = rgb2hsv(np.clip(x, 0, 1))
         hsv[..., 0] = (hsv[..., 0] + rng.uniform(-cfg.hue_shift, cfg.hue_shift)) % 1.0
@@ -197,10 +203,7 @@ def class_stain(image: np.ndarray, labels: np.ndarray, values: tuple[int, ...],
     w = gaussian(mask.astype(np.float32), sigma=sigma, mode="nearest")[..., None] if sigma \
         else mask.astype(np.float32)[..., None]
     x = image.astype(np.float32) / 255.0
-    hed = rgb2hed(x)
-    hed[..., 0] *= scale[0]
-    hed[..., 1] *= scale[1]
-    out = w * np.clip(hed2rgb(hed), 0, 1) + (1 - w) * x
+    out = w * np.clip(_restained(rgb2hed(x), np.array([*scale, 1.0])), 0, 1) + (1 - w) * x
     out = np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
     touched = w[..., 0] > 0
     return np.where(touched[..., None], out, image)
