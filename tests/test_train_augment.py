@@ -99,6 +99,29 @@ def test_stain_ranges_scale_the_eosin_amount():
     assert np.median(np.abs(same.astype(int) - image)) <= 1    # HED round trip: no change
 
 
+def test_tissue_weighted_hed_shift_keeps_glass_white():
+    """A strong HED jitter tints glass when its shift is uniform; weighted by the distance from
+    white ("tissue") the glass half stays white while the tissue half's stain still moves."""
+    rng = np.random.default_rng(3)
+    image = np.full((32, 32, 3), 255, np.uint8)
+    image[:, :16] = np.stack([rng.integers(120, 170, (32, 16)), rng.integers(40, 90, (32, 16)),
+                              rng.integers(120, 170, (32, 16))], axis=-1)
+    labels = np.zeros((32, 32), np.uint8)
+    outs = {}
+    for mode in ("uniform", "tissue"):
+        cfg = AugmentConfig(**{**OFF, "hed": True}, probability=1.0, hed_sigma=0.3,
+                            hed_shift=mode)
+        outs[mode] = [augment(image, labels, cfg, np.random.default_rng(s))[0].astype(int)
+                      for s in range(8)]
+    glass = {m: max(np.abs(o[:, 20:] - 255).max() for o in outs[m]) for m in outs}
+    tissue = {m: np.mean([np.abs(o[:, :12] - image[:, :12]).mean() for o in outs[m]])
+              for m in outs}
+    assert glass["uniform"] > 20 and glass["tissue"] <= 1
+    assert tissue["tissue"] > 5 and tissue["tissue"] == pytest.approx(tissue["uniform"], rel=0.3)
+    with pytest.raises(ValueError, match="hed_shift must be"):
+        AugmentConfig(hed_shift="glass")
+
+
 @pytest.mark.parametrize("bounds", [(0.0, 1.0), (2.0, 1.0), (1.0,)])
 def test_bad_stain_range(bounds):
     with pytest.raises(ValueError, match="hed_e_range must be"):

@@ -40,6 +40,11 @@ class AugmentConfig:
     hed_h_range: tuple[float, float] = (1.0, 1.0)  # haematoxylin amount x [lo, hi] (log-uniform)
     hed_e_range: tuple[float, float] = (1.0, 1.0)  # eosin amount x [lo, hi] (log-uniform):
                                          # widens one lab's stain towards paler/pinker ones
+    # Where the HED jitter's additive shift lands: "uniform" adds it to every pixel, glass
+    # included (a strong jitter then tints glass, which the model learns to call tissue);
+    # "tissue" weights it per pixel by the distance from white that lab_transfer uses, so glass
+    # keeps its colour while the tissue's stain moves.
+    hed_shift: str = "uniform"
     contrast: bool = True
     contrast_range: float = 0.2          # contrast scale in [1 - r, 1 + r]
     # Whole-patch stain transfer in CIELAB (off by default): other labs' H&E differs from one
@@ -72,6 +77,8 @@ class AugmentConfig:
             r = getattr(self, name)
             if len(r) != 2 or not r[0] <= r[1]:
                 raise ValueError(f"{name} must be [low, high] with low <= high, got {list(r)}")
+        if self.hed_shift not in ("uniform", "tissue"):
+            raise ValueError(f'hed_shift must be "uniform" or "tissue", got {self.hed_shift!r}')
         if not 0 <= self.class_stain_p <= 1:
             raise ValueError(f"class_stain_p must be in [0, 1], got {self.class_stain_p}")
         if self.class_stain_p and not self.class_stain_classes:
@@ -156,6 +163,8 @@ def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
         scale[0] *= _log_uniform(cfg.hed_h_range, rng)
         scale[1] *= _log_uniform(cfg.hed_e_range, rng)
         shift = rng.normal(0.0, cfg.hed_sigma, size=3) * np.abs(hed).max(axis=(0, 1))
+        if cfg.hed_shift == "tissue":
+            shift = shift * tissue_weight(x)[..., None]
         x = _restained(hed, scale, shift)
     if cfg.hsv and rng.random() < p:
         hsv = rgb2hsv(np.clip(x, 0, 1))
@@ -174,6 +183,17 @@ def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
+def _lightness_weight(lightness: np.ndarray) -> np.ndarray:
+    """0 for glass (L* >= 95), 1 for tissue (L* <= 75), linear in between."""
+    return np.clip((95.0 - lightness) / 20.0, 0, 1).astype(np.float32)
+
+
+def tissue_weight(x: np.ndarray) -> np.ndarray:
+    """Per-pixel weight ``[H, W]`` of RGB ``x`` in [0, 1]: how far each pixel is from white
+    (0 on glass, 1 on tissue), the weight by which colour moves leave glass alone."""
+    return _lightness_weight(rgb2lab(np.clip(x, 0, 1))[..., 0])
+
+
 def lab_transfer(x: np.ndarray, target: tuple[float, float, float]) -> np.ndarray:
     """RGB in [0, 1] whose tissue (L* < 85) has its mean L*, a*, b* moved to ``target``; each
     pixel moves in proportion to how far it is from white, so glass stays near white."""
@@ -182,7 +202,7 @@ def lab_transfer(x: np.ndarray, target: tuple[float, float, float]) -> np.ndarra
     if tissue.sum() < 16:
         return x
     shift = np.asarray(target) - lab[tissue].mean(axis=0)
-    w = np.clip((95.0 - lab[..., 0]) / 20.0, 0, 1)[..., None]
+    w = _lightness_weight(lab[..., 0])[..., None]
     lab = lab + w * shift
     lab[..., 0] = np.clip(lab[..., 0], 0, 100)
     with warnings.catch_warnings():  # out-of-gamut colours are clipped, as intended
