@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from wsiseg_train.augment import AugmentConfig, augment, class_stain, draw_class_stain
+from wsiseg_train.augment import (AugmentConfig, augment, class_stain, draw_class_stain,
+                                  tissue_weight)
 
 OFF = {k: False for k in ("flip", "rot90", "rotate", "elastic", "blur", "gamma", "hsv", "hed",
                           "contrast")}
@@ -120,6 +121,28 @@ def test_tissue_weighted_hed_shift_keeps_glass_white():
     assert tissue["tissue"] > 5 and tissue["tissue"] == pytest.approx(tissue["uniform"], rel=0.3)
     with pytest.raises(ValueError, match="hed_shift must be"):
         AugmentConfig(hed_shift="glass")
+
+
+def test_hed_shift_white_spares_near_white_holes():
+    """EBHI's background label takes every channel >= 205 (L* about 83): at the default
+    threshold (95) such a pixel still takes most of the shift; with hed_shift_white = 83 none."""
+    near_white = np.full((4, 4, 3), 212 / 255, np.float32)      # L* 85
+    tissue = np.full((4, 4, 3), [150 / 255, 80 / 255, 150 / 255], np.float32)
+    assert tissue_weight(near_white) == pytest.approx(0.5, abs=0.05)
+    assert tissue_weight(near_white, 83.0).max() == 0.0
+    assert tissue_weight(tissue, 83.0).min() == 1.0
+    image = np.full((32, 32, 3), 212, np.uint8)
+    image[:, :16] = (150, 80, 150)
+    moved = {}
+    for white in (95.0, 83.0):
+        cfg = AugmentConfig(**{**OFF, "hed": True}, probability=1.0, hed_sigma=0.3,
+                            hed_shift="tissue", hed_shift_white=white)
+        outs = [augment(image, np.zeros((32, 32), np.uint8), cfg, np.random.default_rng(s))[0]
+                for s in range(8)]
+        moved[white] = max(np.abs(o[:, 20:].astype(int) - 212).max() for o in outs)
+    assert moved[95.0] > 10 and moved[83.0] < moved[95.0] / 2
+    with pytest.raises(ValueError, match="hed_shift_white must be"):
+        AugmentConfig(hed_shift_white=120)
 
 
 @pytest.mark.parametrize("bounds", [(0.0, 1.0), (2.0, 1.0), (1.0,)])

@@ -42,9 +42,12 @@ class AugmentConfig:
                                          # widens one lab's stain towards paler/pinker ones
     # Where the HED jitter's additive shift lands: "uniform" adds it to every pixel, glass
     # included (a strong jitter then tints glass, which the model learns to call tissue);
-    # "tissue" weights it per pixel by the distance from white that lab_transfer uses, so glass
-    # keeps its colour while the tissue's stain moves.
+    # "tissue" weights it per pixel by its distance from white, 0 at and above the CIELAB
+    # lightness hed_shift_white and 1 from 20 L* below it, so glass keeps its colour while the
+    # tissue's stain moves (95: pure glass; 83: also the near-white holes that the label rules
+    # call background, every channel >= 205).
     hed_shift: str = "uniform"
+    hed_shift_white: float = 95.0
     contrast: bool = True
     contrast_range: float = 0.2          # contrast scale in [1 - r, 1 + r]
     # Whole-patch stain transfer in CIELAB (off by default): other labs' H&E differs from one
@@ -79,6 +82,9 @@ class AugmentConfig:
                 raise ValueError(f"{name} must be [low, high] with low <= high, got {list(r)}")
         if self.hed_shift not in ("uniform", "tissue"):
             raise ValueError(f'hed_shift must be "uniform" or "tissue", got {self.hed_shift!r}')
+        if not 20 <= self.hed_shift_white <= 100:
+            raise ValueError(f"hed_shift_white must be a CIELAB lightness in [20, 100], "
+                             f"got {self.hed_shift_white}")
         if not 0 <= self.class_stain_p <= 1:
             raise ValueError(f"class_stain_p must be in [0, 1], got {self.class_stain_p}")
         if self.class_stain_p and not self.class_stain_classes:
@@ -164,7 +170,7 @@ def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
         scale[1] *= _log_uniform(cfg.hed_e_range, rng)
         shift = rng.normal(0.0, cfg.hed_sigma, size=3) * np.abs(hed).max(axis=(0, 1))
         if cfg.hed_shift == "tissue":
-            shift = shift * tissue_weight(x)[..., None]
+            shift = shift * tissue_weight(x, cfg.hed_shift_white)[..., None]
         x = _restained(hed, scale, shift)
     if cfg.hsv and rng.random() < p:
         hsv = rgb2hsv(np.clip(x, 0, 1))
@@ -183,15 +189,16 @@ def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
-def _lightness_weight(lightness: np.ndarray) -> np.ndarray:
-    """0 for glass (L* >= 95), 1 for tissue (L* <= 75), linear in between."""
-    return np.clip((95.0 - lightness) / 20.0, 0, 1).astype(np.float32)
+def _lightness_weight(lightness: np.ndarray, white: float = 95.0) -> np.ndarray:
+    """0 for glass (L* >= white), 1 for tissue (L* <= white - 20), linear in between."""
+    return np.clip((white - lightness) / 20.0, 0, 1).astype(np.float32)
 
 
-def tissue_weight(x: np.ndarray) -> np.ndarray:
+def tissue_weight(x: np.ndarray, white: float = 95.0) -> np.ndarray:
     """Per-pixel weight ``[H, W]`` of RGB ``x`` in [0, 1]: how far each pixel is from white
-    (0 on glass, 1 on tissue), the weight by which colour moves leave glass alone."""
-    return _lightness_weight(rgb2lab(np.clip(x, 0, 1))[..., 0])
+    (0 on glass, L* >= ``white``; 1 on tissue), the weight by which colour moves leave glass
+    alone."""
+    return _lightness_weight(rgb2lab(np.clip(x, 0, 1))[..., 0], white)
 
 
 def lab_transfer(x: np.ndarray, target: tuple[float, float, float]) -> np.ndarray:
