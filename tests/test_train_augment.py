@@ -2,8 +2,13 @@
 
 import numpy as np
 import pytest
-from wsiseg_train.augment import (AugmentConfig, augment, class_stain, draw_class_stain,
-                                  tissue_weight)
+from wsiseg_train.augment import (
+    AugmentConfig,
+    augment,
+    class_stain,
+    draw_class_stain,
+    tissue_weight,
+)
 
 OFF = {k: False for k in ("flip", "rot90", "rotate", "elastic", "blur", "gamma", "hsv", "hed",
                           "contrast")}
