@@ -341,3 +341,32 @@ def test_class_stain_config(tmp_path):
         load_config(tmp_path / "c.toml", [*on[:1], 'augment.class_stain_classes=["stroma"]'])
     with pytest.raises(ConfigError, match="class_stain_p needs class_stain_classes"):
         load_config(tmp_path / "c.toml", on[:1])
+
+
+def test_white_beyond_the_edge_can_be_labelled_background(tmp_path):
+    """data.outside_background: the white a patch shows beyond an image pair's edge is
+    labelled background (here 5) instead of unannotated; the pixels inside keep their labels and
+    the images are the same patches either way."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(40, 220, (24, 24, 3), dtype=np.uint8)
+    labels = rng.integers(1, 3, (24, 24)).astype(np.uint8)       # every pixel annotated 1 or 2
+    item = Item(image=image, labels=labels, annotation="dense", name="a")
+    def batch(outside):
+        s = Sampler([item], patch_px=16, jitter_px=8, sparse_dense_ratio=1.0,
+                    class_weights=None, augment_cfg=None, rng=np.random.default_rng(0),
+                    background=5, outside_background=outside)
+        return s.batch_with_teacher(32, np.random.default_rng(5))
+    plain, labelled = batch(False), batch(True)
+    assert np.array_equal(plain.images, labelled.images)
+    beyond = plain.labels == 0
+    assert beyond.any() and (~beyond).any()
+    assert (plain.images.transpose(0, 2, 3, 1)[beyond] == 255).all()
+    assert (labelled.labels[beyond] == 5).all()
+    assert np.array_equal(labelled.labels[~beyond], plain.labels[~beyond])
+    (tmp_path / "c.toml").write_text(tiny_config_text(write_pairs(tmp_path / "p", n_train=2,
+                                                                    n_val=1)))
+    assert load_config(tmp_path / "c.toml", ["data.outside_background=true",
+                                             "model.background=spare"]).data \
+        .outside_background
+    with pytest.raises(ConfigError, match="outside_background needs model.background"):
+        load_config(tmp_path / "c.toml", ["data.outside_background=true", 'model.background=""'])

@@ -113,6 +113,10 @@ class DataSection:
     # (training/aggregates.py): sheets of lymphocytes that biopsy crops lack.
     aggregate_p: float = 0.0
     aggregate_class: str = ""
+    # The pure white (255) that a patch shows beyond an image pair's cut edge: unannotated
+    # (false) or labelled model.background (true), so that the model learns that white -- as
+    # scanners write unscanned glass beside the tissue -- is background, not a tissue class.
+    outside_background: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,6 +277,9 @@ def check(cfg: Config) -> None:
         raise ConfigError("data.aggregate_p needs data.aggregate_class: the stroma class whose "
                           "immune cells are packed into aggregates and which labels them "
                           "(e.g. \"lamina propria stroma\")")
+    if d.outside_background and not cfg.model.background:
+        raise ConfigError("data.outside_background needs model.background: the class that the "
+                          "white beyond an image's edge is labelled with (e.g. \"background\")")
     if not 0 <= cfg.train.ema < 1:
         raise ConfigError(f"train.ema must be in [0, 1) (0 = off, 0.999 averages about the last "
                           f"1,000 steps), got {cfg.train.ema}")

@@ -88,6 +88,15 @@ def extract(item: Item, row: int, col: int, size: int,
     return read_region(item, r0, c0, size, mirror), labels
 
 
+def _within(item: Item, row: int, col: int, size: int) -> np.ndarray:
+    """``[size, size]`` bool: the pixels of the patch centred on (row, col) that lie inside
+    the item's image (beyond its edge :func:`extract` shows white)."""
+    h, w = item.labels.shape
+    rows = np.arange(size) + row - size // 2
+    cols = np.arange(size) + col - size // 2
+    return ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+
+
 GLASS_RGB = (np.array([236, 232, 238]), np.array([252, 250, 252]))  # range of empty glass
 
 
@@ -131,7 +140,7 @@ class Sampler:
                  mosaic_p: float = 0.0, island_p: float = 0.0,
                  island_px: tuple[int, int] = (48, 112), background: int = 0,
                  teacher_original_colour: bool = False, teacher_mirror_edge: bool = False,
-                 aggregate_p: float = 0.0,
+                 outside_background: bool = False, aggregate_p: float = 0.0,
                  aggregates: tuple[NucleusBank, int] | None = None,
                  class_stain_values: tuple[int, ...] = ()) -> None:
         if not items:
@@ -141,6 +150,7 @@ class Sampler:
         self.background = background
         self.teacher_original_colour = teacher_original_colour
         self.teacher_mirror_edge = teacher_mirror_edge
+        self.outside_background = outside_background
         if aggregate_p and aggregates is None:
             raise ValueError("aggregate_p needs aggregates = (nucleus bank, class value)")
         self.aggregate_p, self.aggregates = aggregate_p, aggregates
@@ -199,6 +209,8 @@ class Sampler:
                                    for it, r, c in [(item, row, col), *others]])
             else:
                 img, lab = extract(item, row, col, self.patch_px)
+                if self.outside_background:   # the white beyond the image's edge is glass
+                    lab[~_within(item, row, col, self.patch_px)] = self.background
             if self.aggregate_p and rng.random() < self.aggregate_p:
                 plain = False
                 img, lab = paste(img, lab, *self.aggregates, rng)
@@ -207,9 +219,7 @@ class Sampler:
             if mirror:   # one geometry for all: the teacher's copy and the crop's extent ride
                 # along as channels 3-5 and 6
                 r0, c0, size = row - self.patch_px // 2, col - self.patch_px // 2, self.patch_px
-                h, w = item.image.shape[:2]
-                rows, cols = np.arange(size) + r0, np.arange(size) + c0
-                within = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))
+                within = _within(item, row, col, size)
                 img = np.concatenate([img, read_region(item, r0, c0, size, mirror=True),
                                       within[..., None].astype(np.uint8) * 255], axis=2)
             original, colour_rng = img, None

@@ -229,6 +229,7 @@ def make_sampler(cfg: Config, items: list[Item]) -> Sampler:
                    background=values[cfg.model.background] if cfg.model.background else 0,
                    teacher_original_colour=cfg.train.teacher_colour == "original",
                    teacher_mirror_edge=cfg.train.teacher_edge == "mirror",
+                   outside_background=cfg.data.outside_background,
                    aggregate_p=cfg.data.aggregate_p, aggregates=aggregates,
                    class_stain_values=tuple(values[c] for c in cfg.augment.class_stain_classes)
                    if cfg.augment.class_stain_p else ())
