@@ -75,12 +75,13 @@ def sample_center(index: ClassIndex, p_class: np.ndarray, jitter_px: int,
     return i, row, col
 
 
-def extract(item: Item, row: int, col: int, size: int,
-            mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Image and labels of the ``size`` patch centred on (row, col); 0 labels outside (the
-    image white there, or mirrored: :func:`read_region`)."""
+def extract(item: Item, row: int, col: int, size: int, mirror: bool = False,
+            outside: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Image and labels of the ``size`` patch centred on (row, col); labels ``outside``
+    (0 = unannotated) beyond the image's edge (the image white there, or mirrored:
+    :func:`read_region`)."""
     r0, c0 = row - size // 2, col - size // 2
-    labels = np.zeros((size, size), dtype=np.uint8)
+    labels = np.full((size, size), outside, dtype=np.uint8)
     h, w = item.labels.shape
     a, b, c, d = max(r0, 0), max(c0, 0), min(r0 + size, h), min(c0 + size, w)
     if c > a and d > b:
@@ -208,9 +209,8 @@ class Sampler:
                 img, lab = mosaic([extract(it, r, c, half)
                                    for it, r, c in [(item, row, col), *others]])
             else:
-                img, lab = extract(item, row, col, self.patch_px)
-                if self.outside_background:   # the white beyond the image's edge is glass
-                    lab[~_within(item, row, col, self.patch_px)] = self.background
+                outside = self.background if self.outside_background else 0  # edge's white
+                img, lab = extract(item, row, col, self.patch_px, outside=outside)
             if self.aggregate_p and rng.random() < self.aggregate_p:
                 plain = False
                 img, lab = paste(img, lab, *self.aggregates, rng)
