@@ -113,6 +113,10 @@ class DataSection:
     # (training/aggregates.py): sheets of lymphocytes that biopsy crops lack.
     aggregate_p: float = 0.0
     aggregate_class: str = ""
+    # A share of patches with fat drawn in the patch's own stain (training/adipose.py), labelled
+    # model.background: adipose tissue, which resections hold and biopsy crops lack, counted as
+    # neither tumour nor stroma.
+    adipose_p: float = 0.0
     # The pure white (255) that a patch shows beyond an image pair's cut edge: unannotated
     # (false) or labelled model.background (true), so that the model learns that white -- as
     # scanners write unscanned glass beside the tissue -- is background, not a tissue class.
@@ -266,7 +270,7 @@ def check(cfg: Config) -> None:
     if cfg.model.colour not in ("rgb", "grey"):
         raise ConfigError(f"model.colour must be rgb or grey, got {cfg.model.colour!r}")
     d = cfg.data
-    for key in ("mosaic_p", "island_p", "aggregate_p"):
+    for key in ("mosaic_p", "island_p", "aggregate_p", "adipose_p"):
         if not 0 <= getattr(d, key) <= 1:
             raise ConfigError(f"data.{key} must be a probability in [0, 1], got {getattr(d, key)}")
     if d.island_p and (len(d.island_px) != 2
@@ -277,6 +281,9 @@ def check(cfg: Config) -> None:
         raise ConfigError("data.aggregate_p needs data.aggregate_class: the stroma class whose "
                           "immune cells are packed into aggregates and which labels them "
                           "(e.g. \"lamina propria stroma\")")
+    if d.adipose_p and not cfg.model.background:
+        raise ConfigError("data.adipose_p needs model.background: the class that fat is labelled "
+                          "with (e.g. \"background\")")
     if d.outside_background and not cfg.model.background:
         raise ConfigError("data.outside_background needs model.background: the class that the "
                           "white beyond an image's edge is labelled with (e.g. \"background\")")

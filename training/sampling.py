@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .adipose import paste_adipose
 from .aggregates import NucleusBank, paste
 from .augment import AugmentConfig, class_stain, draw_class_stain, geometric, photometric
 from .data import Item, read_region
@@ -143,6 +144,7 @@ class Sampler:
                  teacher_original_colour: bool = False, teacher_mirror_edge: bool = False,
                  outside_background: bool = False, aggregate_p: float = 0.0,
                  aggregates: tuple[NucleusBank, int] | None = None,
+                 adipose_p: float = 0.0, mpp: float = 1.0,
                  class_stain_values: tuple[int, ...] = ()) -> None:
         if not items:
             raise ValueError("no training items: check the training sets and their split")
@@ -155,6 +157,9 @@ class Sampler:
         if aggregate_p and aggregates is None:
             raise ValueError("aggregate_p needs aggregates = (nucleus bank, class value)")
         self.aggregate_p, self.aggregates = aggregate_p, aggregates
+        if adipose_p and not background:
+            raise ValueError("adipose_p needs background: the class value fat is labelled with")
+        self.adipose_p, self.mpp = adipose_p, mpp
         if class_stain_values and not (augment_cfg and augment_cfg.class_stain_p):
             raise ValueError("class_stain_values need an augment config with class_stain_p > 0")
         self.class_stain_values = class_stain_values
@@ -185,8 +190,8 @@ class Sampler:
 
     def batch_with_teacher(self, n: int, rng: np.random.Generator) -> TeacherBatch:
         """:meth:`batch`, ``teach [n]`` bool: patches of a teacher set in their whole context
-        (neither mosaic, island nor aggregate), whose targets are the teacher's outputs, and the
-        images the teacher is shown: the same ones, or with ``teacher_original_colour`` each
+        (neither mosaic, island, aggregate nor adipose), whose targets are the teacher's outputs,
+        and the images the teacher is shown: the same ones, or with ``teacher_original_colour`` each
         taught patch before its colour augmentation (same geometry), so that the student learns
         the teacher's calls on the training lab's colours under other stains; with
         ``teacher_mirror_edge`` the teacher's copy of a taught image pair's patch shows the
@@ -214,6 +219,9 @@ class Sampler:
             if self.aggregate_p and rng.random() < self.aggregate_p:
                 plain = False
                 img, lab = paste(img, lab, *self.aggregates, rng)
+            if self.adipose_p and rng.random() < self.adipose_p:
+                plain = False
+                img, lab = paste_adipose(img, lab, self.background, self.mpp, rng)
             mirror = (self.teacher_mirror_edge and plain and item.teacher
                       and item.image is not None)
             if mirror:   # one geometry for all: the teacher's copy and the crop's extent ride

@@ -231,6 +231,7 @@ def make_sampler(cfg: Config, items: list[Item]) -> Sampler:
                    teacher_mirror_edge=cfg.train.teacher_edge == "mirror",
                    outside_background=cfg.data.outside_background,
                    aggregate_p=cfg.data.aggregate_p, aggregates=aggregates,
+                   adipose_p=cfg.data.adipose_p, mpp=cfg.data.mpp,
                    class_stain_values=tuple(values[c] for c in cfg.augment.class_stain_classes)
                    if cfg.augment.class_stain_p else ())
 
