@@ -7,7 +7,7 @@ tumour-stroma ratio. Fat is neither, so these patches teach it as the background
 
 - :func:`adipose` draws a sheet of adipocytes: cells 40-120 um across (a jittered grid of seeds,
   each pixel belonging to its nearest seed after a smooth random warp, so that the cells are
-  irregular polygons with curved sides), a thin membrane (0.8-2.5 um) along every cell border,
+  irregular polygons with curved sides), a thin membrane (0.8-5 um, translucent) along every cell border,
   torn in places as sectioning tears it, a few flattened nuclei lying in the membranes, and
   lumens of the slide's glass colour.
 - :func:`paste_adipose` puts such a sheet into a training patch inside an irregular blob (or over
@@ -27,7 +27,8 @@ from skimage import filters
 from .aggregates import blob
 
 CELL_UM = (40.0, 120.0)        # adipocyte diameter
-MEMBRANE_UM = (0.8, 2.5)       # membrane thickness
+MEMBRANE_UM = (0.8, 5.0)       # membrane thickness (thin, or folded and seen broad)
+OPACITY = (0.45, 1.0)          # thin membranes are translucent, pale lavender-pink
 NUCLEUS_UM = ((6.0, 11.0), (1.5, 3.0))   # flattened nucleus: length, width
 TEAR = (0.0, 0.3)              # share of membrane length torn away
 GLASS = (228.0, 250.0)         # lumen brightness when the patch shows no glass of its own
@@ -84,13 +85,15 @@ def adipose(size: int, mpp: float, image: np.ndarray,
     border[:, :-1] |= lab[:, :-1] != lab[:, 1:]
     half = rng.uniform(*MEMBRANE_UM) / mpp / 2
     dist = ndi.distance_transform_edt(~border)
-    alpha = np.clip(half + 0.5 - dist, 0.0, 1.0)          # antialiased line of that thickness
+    line = np.clip(half + 0.5 - dist, 0.0, 1.0)           # antialiased line of that thickness
     tear = filters.gaussian(rng.normal(0, 1, (size, size)), 4.0 / mpp)
-    alpha[tear < np.quantile(tear, rng.uniform(*TEAR))] = 0.0
+    line[tear < np.quantile(tear, rng.uniform(*TEAR))] = 0.0
+    alpha = line * rng.uniform(*OPACITY)
     canvas = np.broadcast_to(lumen_rgb, (size, size, 3)) + rng.normal(0, 2.0, (size, size, 3))
     canvas = canvas * (1 - alpha[..., None]) + membrane_rgb * alpha[..., None]
-    # flattened nuclei lying along the membranes, a few per hundred cells' worth of border
-    on = np.argwhere(alpha > 0.5)
+    # flattened nuclei lying in the membranes, one per 400 um of membrane (one adipocyte in
+    # three or so shows its nucleus in a section)
+    on = np.argwhere(border & (line > 0.5))
     n_nuclei = int(rng.poisson(len(on) * mpp / 400.0)) if len(on) else 0
     yy, xx = np.mgrid[0:size, 0:size].astype(float)
     for r, c in on[rng.integers(0, len(on), n_nuclei)] if n_nuclei else ():
@@ -111,7 +114,7 @@ def adipose(size: int, mpp: float, image: np.ndarray,
         canvas[r0:r1, c0:c1] = canvas[r0:r1, c0:c1] * (1 - a) + nucleus_rgb * a
         alpha[r0:r1, c0:c1] = np.maximum(alpha[r0:r1, c0:c1], a[..., 0])
     canvas = filters.gaussian(canvas, 0.4 / mpp, channel_axis=-1, preserve_range=True)
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), alpha > 0.25
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), alpha > 0.2
 
 
 def paste_adipose(image: np.ndarray, labels: np.ndarray, value: int, mpp: float,
