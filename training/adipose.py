@@ -36,7 +36,7 @@ FALLBACK_TISSUE = np.array([205.0, 150.0, 195.0])   # pink-purple H&E, used on a
 FALLBACK_NUCLEUS = np.array([95.0, 60.0, 135.0])
 
 
-def _colours(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
+def stain_colours(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
                                                                    np.ndarray]:
     """Membrane, nucleus and lumen RGB taken from ``image``'s tissue and glass."""
     px = image.reshape(-1, 3).astype(float)
@@ -78,7 +78,7 @@ def adipose(size: int, mpp: float, image: np.ndarray,
             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A ``size`` x ``size`` RGB uint8 sheet of fat in ``image``'s colours, and its membranes and
     nuclei (bool, the pixels that are not lumen)."""
-    membrane_rgb, nucleus_rgb, lumen_rgb = _colours(image, rng)
+    membrane_rgb, nucleus_rgb, lumen_rgb = stain_colours(image, rng)
     lab = cells(size, mpp, rng)
     border = np.zeros((size, size), bool)
     border[:-1] |= lab[:-1] != lab[1:]
