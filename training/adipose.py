@@ -7,9 +7,9 @@ tumour-stroma ratio. Fat is neither, so these patches teach it as the background
 
 - :func:`adipose` draws a sheet of adipocytes: cells 40-120 um across (a jittered grid of seeds,
   each pixel belonging to its nearest seed after a smooth random warp, so that the cells are
-  irregular polygons with curved sides), a thin membrane (0.8-5 um, translucent) along every cell border,
-  torn in places as sectioning tears it, a few flattened nuclei lying in the membranes, and
-  lumens of the slide's glass colour.
+  irregular polygons with curved sides), a thin translucent membrane (0.8-5 um) along every
+  cell border, torn in places as sectioning tears it, a few flattened nuclei lying in the
+  membranes, and lumens of the slide's glass colour.
 - :func:`paste_adipose` puts such a sheet into a training patch inside an irregular blob (or over
   all of it, as :func:`training.aggregates.blob`) and labels the blob with the given class; the
   membrane and nucleus colours are taken from the patch's own tissue, so the stain is the
