@@ -11,6 +11,8 @@ from wsiseg_train.adipose import adipose, cells, paste_adipose, stain_colours
 from wsiseg_train.config import ConfigError, load_config
 from wsiseg_train.data import Item
 from wsiseg_train.sampling import Sampler
+from wsiseg_train.sets import build_data
+from wsiseg_train.train import make_sampler
 
 TISSUE = np.array([200, 120, 180])    # eosin-pink
 GLASS = np.array([236, 238, 242])
@@ -112,3 +114,15 @@ def test_real_crops_give_fat_in_their_own_stain():
         assert nucleus.mean() < membrane.mean() < lumen.mean() and lumen.min() > 200
         sheet, drawn = adipose(image.shape[0], 1.0, image, np.random.default_rng(i))
         assert sheet[drawn].mean() < sheet[~drawn].mean() - 10
+
+
+def test_training_config_reaches_the_sampler(tmp_path):
+    index = write_pairs(tmp_path / "p", n_train=2, n_val=1)
+    (tmp_path / "c.toml").write_text(tiny_config_text(index))
+    cfg = load_config(tmp_path / "c.toml", ["data.adipose_p=1", "model.background=spare",
+                                            "data.mpp=0.5"])
+    with build_data(cfg) as data:
+        sampler = make_sampler(cfg, data.train)
+        assert sampler.adipose_p == 1 and sampler.mpp == 0.5 and sampler.background == 3
+        _, labs = sampler.batch(4, np.random.default_rng(0))
+    assert (labs == 3).any(axis=(1, 2)).all()
