@@ -8,6 +8,7 @@ from skimage import measure
 from skimage.io import imread
 from train_helpers import EBHI_INDEX, tiny_config_text, write_pairs
 from wsiseg_train.adipose import adipose, cells, paste_adipose, stain_colours
+from wsiseg_train.aggregates import NucleusBank
 from wsiseg_train.config import ConfigError, load_config
 from wsiseg_train.data import Item
 from wsiseg_train.sampling import Sampler
@@ -126,3 +127,22 @@ def test_training_config_reaches_the_sampler(tmp_path):
         assert sampler.adipose_p == 1 and sampler.mpp == 0.5 and sampler.background == 3
         _, labs = sampler.batch(4, np.random.default_rng(0))
     assert (labs == 3).any(axis=(1, 2)).all()
+
+
+def test_fat_is_never_drawn_over_an_aggregate():
+    rng = np.random.default_rng(7)
+    stroma = np.clip(np.array([225, 170, 205]) + rng.normal(0, 5, (96, 96, 3)), 0, 255)
+    rr, cc = np.mgrid[0:96, 0:96]
+    for r in range(8, 90, 10):
+        for c in range(8, 90, 10):
+            stroma[(rr - r) ** 2 + (cc - c) ** 2 <= 9] = (60, 40, 120)
+    image = stroma.astype(np.uint8)
+    bank = NucleusBank.from_items([Item("b", np.full((96, 96), 2, np.uint8), image=image)], 2, 1.0)
+    item = Item("a", np.full((96, 96), 1, np.uint8), image=image)
+    sampler = Sampler([item], patch_px=32, jitter_px=0, sparse_dense_ratio=1.0,
+                      class_weights=None, augment_cfg=None, rng=np.random.default_rng(0),
+                      background=5, aggregate_p=0.5, aggregates=(bank, 2), adipose_p=1.0)
+    _, labs = sampler.batch(100, np.random.default_rng(1))
+    aggregate, fat = (labs == 2).any(axis=(1, 2)), (labs == 5).any(axis=(1, 2))
+    assert aggregate.any() and fat.any()
+    assert not (aggregate & fat).any() and (aggregate | fat).all()

@@ -115,7 +115,7 @@ class DataSection:
     aggregate_class: str = ""
     # A share of patches with fat drawn in the patch's own stain (training/adipose.py), labelled
     # model.background: adipose tissue, which resections hold and biopsy crops lack, counted as
-    # neither tumour nor stroma.
+    # neither tumour nor stroma. Drawn only into patches without a lymphoid aggregate.
     adipose_p: float = 0.0
     # The pure white (255) that a patch shows beyond an image pair's cut edge: unannotated
     # (false) or labelled model.background (true), so that the model learns that white -- as

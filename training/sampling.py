@@ -219,7 +219,7 @@ class Sampler:
             if self.aggregate_p and rng.random() < self.aggregate_p:
                 plain = False
                 img, lab = paste(img, lab, *self.aggregates, rng)
-            if self.adipose_p and rng.random() < self.adipose_p:
+            elif self.adipose_p and rng.random() < self.adipose_p:  # never over an aggregate
                 plain = False
                 img, lab = paste_adipose(img, lab, self.background, self.mpp, rng)
             mirror = (self.teacher_mirror_edge and plain and item.teacher
