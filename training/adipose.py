@@ -10,10 +10,10 @@ tumour-stroma ratio. Fat is neither, so these patches teach it as the background
   irregular polygons with curved sides), a thin translucent membrane (0.8-5 um) along every
   cell border, torn in places as sectioning tears it, a few flattened nuclei lying in the
   membranes, and lumens of the slide's glass colour.
-- :func:`paste_adipose` puts such a sheet into a training patch inside an irregular blob (or over
-  all of it, as :func:`training.aggregates.blob`) and labels the blob with the given class; the
-  membrane and nucleus colours are taken from the patch's own tissue, so the stain is the
-  crop's, and colour augmentation comes after as for any patch.
+- :func:`paste_adipose` puts such a sheet into a training patch inside an irregular blob (or
+  over all of it: :func:`training.aggregates.paste_sheet`) and labels the blob with the given
+  class; the membrane and nucleus colours are taken from the patch's own tissue, so the stain is
+  the crop's, and colour augmentation comes after as for any patch.
 
 Sizes are in micrometres and converted with the training mpp.
 """
@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 from skimage import filters
 
-from .aggregates import blob
+from .aggregates import paste_sheet
 
 CELL_UM = (40.0, 120.0)        # adipocyte diameter
 MEMBRANE_UM = (0.8, 5.0)       # membrane thickness (thin, or folded and seen broad)
@@ -95,7 +95,6 @@ def adipose(size: int, mpp: float, image: np.ndarray,
     # three or so shows its nucleus in a section)
     on = np.argwhere(border & (line > 0.5))
     n_nuclei = int(rng.poisson(len(on) * mpp / 400.0)) if len(on) else 0
-    yy, xx = np.mgrid[0:size, 0:size].astype(float)
     for r, c in on[rng.integers(0, len(on), n_nuclei)] if n_nuclei else ():
         length = rng.uniform(*NUCLEUS_UM[0]) / mpp / 2
         width = rng.uniform(*NUCLEUS_UM[1]) / mpp / 2
@@ -107,7 +106,7 @@ def adipose(size: int, mpp: float, image: np.ndarray,
         if len(near) >= 3:
             _, axes = np.linalg.eigh(np.cov(near.T))
             t = float(np.arctan2(axes[0, 1], axes[1, 1]))   # (row, col) of the largest axis
-        y, x = yy[r0:r1, c0:c1] - r, xx[r0:r1, c0:c1] - c
+        y, x = np.mgrid[r0 - r:r1 - r, c0 - c:c1 - c].astype(float)
         u = x * np.cos(t) + y * np.sin(t)
         v = -x * np.sin(t) + y * np.cos(t)
         a = np.clip(3.0 * (1 - np.hypot(u / length, v / width)), 0.0, 1.0)[..., None]
@@ -124,8 +123,4 @@ def paste_adipose(image: np.ndarray, labels: np.ndarray, value: int, mpp: float,
     if labels.shape[1] != size:
         raise ValueError("adipose patches must be square")
     sheet, _ = adipose(size, mpp, image, rng)
-    region = blob(size, rng)
-    image, labels = image.copy(), labels.copy()
-    image[region] = sheet[region]
-    labels[region] = value
-    return image, labels
+    return paste_sheet(image, labels, sheet, value, rng)

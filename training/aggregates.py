@@ -146,6 +146,17 @@ def blob(size: int, rng: np.random.Generator) -> np.ndarray:
     return (u / ay) ** 2 + (v / ax) ** 2 < 1 + 0.4 * wobble
 
 
+def paste_sheet(image: np.ndarray, labels: np.ndarray, sheet: np.ndarray, value: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of ``image``/``labels`` with ``sheet`` (same size) inside a :func:`blob`, labelled
+    ``value``; the rest stays."""
+    region = blob(labels.shape[0], rng)
+    image, labels = image.copy(), labels.copy()
+    image[region] = sheet[region]
+    labels[region] = value
+    return image, labels
+
+
 def paste(image: np.ndarray, labels: np.ndarray, bank: NucleusBank, value: int,
           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``image``/``labels`` with a lymphoid aggregate inside a blob, labelled ``value``."""
@@ -153,9 +164,4 @@ def paste(image: np.ndarray, labels: np.ndarray, bank: NucleusBank, value: int,
     if labels.shape[1] != size:
         raise ValueError("aggregate patches must be square")
     source = bank.sources[int(rng.integers(len(bank)))]
-    sheet = aggregate(size, source, bank.mpp, rng)
-    region = blob(size, rng)
-    image, labels = image.copy(), labels.copy()
-    image[region] = sheet[region]
-    labels[region] = value
-    return image, labels
+    return paste_sheet(image, labels, aggregate(size, source, bank.mpp, rng), value, rng)
