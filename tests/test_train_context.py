@@ -105,6 +105,27 @@ def test_v3_config_loads_both_sets_and_leaves_adenoma_epithelium_unannotated():
     assert adenoma[2, 2] == polyp[2, 2] == values["lamina propria stroma"]
 
 
+def test_gland_edge_ring_width_comes_from_the_set(tmp_path):
+    cfg = load_config(V3, ["data.sets.1.edge_ring_um=1.0"])
+    assert cfg.data.sets[0].edge_ring_um == 3.0 and cfg.data.sets[1].edge_ring_um == 1.0
+    values = class_values(cfg)
+    image = np.full((40, 40, 3), (200, 120, 170), np.uint8)
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:30, 10:30] = 255
+    image[mask > 0] = (110, 60, 150)
+    row = {"class": "Polyp", "image": "p", "split": "val"}
+    wide = mapping_for_set(cfg.data.sets[0].__class__(**{**cfg.data.sets[1].__dict__,
+                                                          "edge_ring_um": 3.0}), values)
+    thin = mapping_for_set(cfg.data.sets[1], values)
+    gland, stroma = values["healthy glands"], values["lamina propria stroma"]
+    # 3 um: the pixels 1-3 px inside and outside the edge are unannotated; 1 um: only the first
+    assert wide(mask, row, image)[20, 11] == 0 and wide(mask, row, image)[20, 7] == 0
+    assert thin(mask, row, image)[20, 11] == gland and thin(mask, row, image)[20, 7] == stroma
+    assert thin(mask, row, image)[20, 10] == 0 and thin(mask, row, image)[20, 9] == 0
+    with pytest.raises(ConfigError, match="edge_ring_um must be >= 0"):
+        load_config(V3, ["data.sets.0.edge_ring_um=-1"])
+
+
 def test_context_settings_are_checked(tmp_path):
     text = V3.read_text().replace('"../../../shared', f'"{V3.parent.as_posix()}/../../../shared')
     path = tmp_path / "bad.toml"

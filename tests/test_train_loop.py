@@ -240,6 +240,47 @@ def test_teacher_label_mix_moves_labelled_targets_towards_the_label_only():
         pytest.approx(alone, rel=1e-6)
 
 
+def test_label_edges_mark_labelled_pixels_near_another_class_only():
+    import numpy as np
+    from wsiseg_train.train import label_edges
+    lab = np.zeros((3, 12, 12), np.uint8)
+    lab[0, :, :5] = 1                               # class 1 | one unannotated column | class 2
+    lab[0, :, 6:] = 2
+    lab[1] = 3                                      # one class only: no edge
+    lab[2, :, :5] = 1                               # class 1 beside unannotated pixels only
+    band = label_edges(lab, 2.0)
+    cols = np.flatnonzero(band[0, 0])
+    assert cols.tolist() == [4, 6]                  # within 2 px of the other class
+    assert (band[0] == band[0, :1]).all()           # the same on every row
+    assert not band[0, :, 5].any()                  # unannotated pixels are never in the band
+    assert not band[1].any() and not band[2].any()
+    assert np.flatnonzero(label_edges(lab, 4.0)[0, 0]).tolist() == [2, 3, 4, 6, 7, 8]
+
+
+def test_teacher_label_edges_replace_the_teachers_target_by_the_label_there():
+    from wsiseg_train.train import teacher_loss
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 2, 2)
+    teacher = torch.zeros(1, 3, 2, 2)
+    teacher[:, 0] = 1.0
+    labels = torch.tensor([[[0, 2], [2, 3]]])
+    where = torch.tensor([[[True, True], [False, False]]])
+    target = teacher.softmax(1).clone()
+    target[0, :, 0, 1] = torch.tensor([0.0, 1.0, 0.0])   # labelled and in the band: the label
+    want = float(-(target * logits.log_softmax(1)).sum(1).mean())
+    got = float(teacher_loss(logits, teacher, labels, 0.0, label_only=where))
+    assert got == pytest.approx(want, rel=1e-6)
+    assert got != pytest.approx(float(teacher_loss(logits, teacher)), rel=1e-3)
+    # with a mix as well: the band takes the label alone, the other labelled pixels the mix
+    mixed = 0.75 * teacher.softmax(1) + 0.25 * torch.nn.functional.one_hot(
+        (labels[0] - 1).clamp(min=0), 3).permute(2, 0, 1)[None].float()
+    target2 = torch.where(labels[:, None] > 0, mixed, teacher.softmax(1))
+    target2[0, :, 0, 1] = torch.tensor([0.0, 1.0, 0.0])
+    want2 = float(-(target2 * logits.log_softmax(1)).sum(1).mean())
+    assert float(teacher_loss(logits, teacher, labels, 0.25, label_only=where)) == \
+        pytest.approx(want2, rel=1e-6)
+
+
 def test_teacher_outputs_average_the_softmax_over_flipped_and_transposed_copies():
     from wsiseg_train.train import teacher_outputs
     torch.manual_seed(0)
@@ -287,6 +328,10 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
         load_config(taught, ["train.teacher_colour=raw"])
     # the labels mixed into the teacher's targets: other targets again
     assert differ(run_with(["train.teacher_label_mix=0.25"], "m"), got)
+    # the labels alone along the lines between labelled classes: other targets again
+    assert differ(run_with(["train.teacher_label_edge_um=3"], "b"), got)
+    with pytest.raises(ConfigError, match="teacher_label_edge_um must be >= 0"):
+        load_config(taught, ["train.teacher_label_edge_um=-1"])
     # the teacher's softmax averaged over flipped copies: other targets again
     assert differ(run_with(["train.teacher_tta=flips"], "f"), got)
     with pytest.raises(ConfigError, match="teacher_tta must be one of none, flips, dihedral"):
@@ -307,6 +352,8 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
         load_config(config, ["train.teacher_tta=dihedral"])
     with pytest.raises(ConfigError, match="teacher_edge = \"mirror\" needs a teacher"):
         load_config(config, ["train.teacher_edge=mirror"])
+    with pytest.raises(ConfigError, match="teacher_label_edge_um needs a teacher"):
+        load_config(config, ["train.teacher_label_edge_um=3"])
     # half a teacher is refused: the sets without train.teacher, and train.teacher alone
     (tmp_path / "a.toml").write_text(text)
     with pytest.raises(ConfigError, match="a teacher needs both"):

@@ -80,6 +80,7 @@ class SetSection:
     foreground_column: str = ""          # ... or the CSV column whose value picks it
     foreground_map: Mapping[str, str] = field(default_factory=dict)  # column value -> class
     background: str = ""                 # threshold: class below threshold ("" = unannotated)
+    edge_ring_um: float = 3.0            # ebhi: unannotated ring on each side of a gland edge
     values: Mapping[str, str] = field(default_factory=dict)  # mask/raster value -> class (ebhi:
                                                              # image class -> stroma class)
     image_mpp: float = 0.0               # pairs: mpp of the images (0 = the model's mpp)
@@ -164,6 +165,10 @@ class TrainSection:
                                          # mirrored ("mirror"), so that near a crop's cut edge
                                          # the student learns the teacher's calls in context
                                          # (none beyond the edge: the loss is masked there)
+    teacher_label_edge_um: float = 0.0   # > 0: within this distance of an edge between two
+                                         # labelled classes, taught patches learn their labels
+                                         # instead of the teacher: the teacher's calls inside
+                                         # regions, the annotation's line between them
 
 
 @dataclass(frozen=True)
@@ -260,6 +265,9 @@ def check(cfg: Config) -> None:
                               "slide_annotations")
         if s.annotation not in ("dense", "sparse"):
             raise ConfigError(f"data.sets annotation must be dense or sparse, got {s.annotation!r}")
+        if not s.edge_ring_um >= 0:
+            raise ConfigError(f"data.sets edge_ring_um must be >= 0 (0 = every pixel up to the "
+                              f"gland edge is labelled), got {s.edge_ring_um}")
         if not s.weight > 0:
             raise ConfigError(f"data.sets weight must be > 0 (0.25 samples a set's pixels a "
                               f"quarter as often), got {s.weight}")
@@ -298,6 +306,12 @@ def check(cfg: Config) -> None:
     if not 0 <= cfg.train.teacher_label_mix < 1:
         raise ConfigError(f"train.teacher_label_mix must be in [0, 1) (0 = the teacher alone), "
                           f"got {cfg.train.teacher_label_mix}")
+    if not cfg.train.teacher_label_edge_um >= 0:
+        raise ConfigError(f"train.teacher_label_edge_um must be >= 0 (0 = the teacher alone), "
+                          f"got {cfg.train.teacher_label_edge_um}")
+    if cfg.train.teacher_label_edge_um and not cfg.train.teacher:
+        raise ConfigError("train.teacher_label_edge_um needs a teacher (train.teacher and "
+                          "teacher = true on a data set)")
     if cfg.train.teacher_colour not in ("augmented", "original"):
         raise ConfigError(f"train.teacher_colour must be \"augmented\" or \"original\", got "
                           f"{cfg.train.teacher_colour!r}")

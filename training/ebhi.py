@@ -228,4 +228,5 @@ def mapping_for_set(s: Any, values: Mapping[str, int]):
                        values[s.background] if s.background else 0,
                        sparse=s.annotation == "sparse", split_column=s.split_column,
                        image_column=s.image_column,
-                       derivation=Derivation(threshold=s.threshold))
+                       derivation=Derivation(threshold=s.threshold,
+                                             border_um=s.edge_ring_um))

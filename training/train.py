@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from .aggregates import NucleusBank
 from .checkpoint import FORMAT, CheckpointError
@@ -101,9 +102,25 @@ def teacher_outputs(teacher: torch.nn.Module, x: torch.Tensor, tta: str = "none"
     return (total / (4 * len(transposes))).clamp_min(1e-12).log()
 
 
+def label_edges(labels: np.ndarray, px: float) -> np.ndarray:
+    """Labelled pixels of ``labels`` [N, H, W] (0 = unannotated) within ``px`` pixels of a
+    pixel labelled with another class: the band along the annotation's lines between classes."""
+    out = np.zeros(labels.shape, dtype=bool)
+    for k, lab in enumerate(labels):
+        present = [c for c in np.unique(lab) if c]
+        if len(present) < 2:
+            continue
+        near = {c: ndi.distance_transform_edt(lab != c) <= px for c in present}
+        for c in present:
+            others = np.logical_or.reduce([near[o] for o in present if o != c])
+            out[k] |= (lab == c) & others
+    return out
+
+
 def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
                  labels: torch.Tensor | None = None, label_mix: float = 0.0,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None,
+                 label_only: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the model's softmax against the teacher's, averaged over pixels (those
     where ``mask`` [N, H, W] is True, if given; 0 when there are none).
 
@@ -111,14 +128,18 @@ def teacher_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
     labelled pixel is ``(1 - label_mix) * teacher + label_mix * one-hot(label)``: the label
     corrects the teacher where it is unsure (with 0.25 the label's class wins wherever the
     teacher's top class leads it by less than a third), without the class balancing of the
-    labelled loss; unannotated pixels keep the teacher's target."""
+    labelled loss; unannotated pixels keep the teacher's target. Where ``label_only`` [N, H, W]
+    is True (and the pixel labelled) the target is the label alone."""
     target = teacher_logits.float().softmax(dim=1)
-    if labels is not None and label_mix > 0:
+    if labels is not None and (label_mix > 0 or label_only is not None):
         labelled = labels > 0
         onehot = torch.nn.functional.one_hot((labels.long() - 1).clamp(min=0),
                                              target.shape[1]).permute(0, 3, 1, 2).float()
-        mixed = (1 - label_mix) * target + label_mix * onehot
-        target = torch.where(labelled[:, None], mixed, target)
+        if label_mix > 0:
+            mixed = (1 - label_mix) * target + label_mix * onehot
+            target = torch.where(labelled[:, None], mixed, target)
+        if label_only is not None:
+            target = torch.where((labelled & label_only)[:, None], onehot, target)
     ce = -(target * logits.float().log_softmax(dim=1)).sum(dim=1)
     if mask is None:
         return ce.mean()
@@ -244,7 +265,8 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
     is given); returns their losses. With a ``teacher``, the whole-context patches of teacher
     sets drop their labels and learn the teacher's softmax instead (``train.teacher_weight``
     times that cross-entropy is added to the labelled loss of the other patches), mixed with
-    their labels by ``train.teacher_label_mix``."""
+    their labels by ``train.teacher_label_mix`` and replaced by them within
+    ``train.teacher_label_edge_um`` of an edge between two labelled classes."""
     model.train()
     if cfg.train.freeze_norm:
         freeze_norm_statistics(model)
@@ -268,9 +290,13 @@ def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sample
                 target = teacher_outputs(teacher, x[idx] if shown is images
                                          else torch.from_numpy(shown[teach]).to(device),
                                          cfg.train.teacher_tta)
+            edges = None
+            if cfg.train.teacher_label_edge_um > 0:
+                edges = torch.from_numpy(label_edges(
+                    taught_labels, cfg.train.teacher_label_edge_um / cfg.data.mpp)).to(device)
             loss = loss + cfg.train.teacher_weight * teacher_loss(
                 logits[idx], target, torch.from_numpy(taught_labels).to(device),
-                cfg.train.teacher_label_mix, torch.from_numpy(inside[teach]).to(device))
+                cfg.train.teacher_label_mix, torch.from_numpy(inside[teach]).to(device), edges)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
