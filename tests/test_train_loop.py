@@ -354,6 +354,15 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
         load_config(config, ["train.teacher_edge=mirror"])
     with pytest.raises(ConfigError, match="teacher_label_edge_um needs a teacher"):
         load_config(config, ["train.teacher_label_edge_um=3"])
+    # a wider student of the narrower teacher: its width named, or the teacher does not load
+    wide = run_with(["model.width=6", "train.teacher_width=4"], "w")
+    assert wide["net.down.0.convs.0.0.weight"].shape[0] == 6
+    with pytest.raises(CheckpointError, match="width 6"):
+        train(load_config(taught, ["model.width=6"]), tmp_path / "w2")
+    with pytest.raises(ConfigError, match="teacher_width must be >= 0"):
+        load_config(taught, ["train.teacher_width=-4"])
+    with pytest.raises(ConfigError, match="teacher_width needs a teacher"):
+        load_config(config, ["train.teacher_width=4"])
     # half a teacher is refused: the sets without train.teacher, and train.teacher alone
     (tmp_path / "a.toml").write_text(text)
     with pytest.raises(ConfigError, match="a teacher needs both"):

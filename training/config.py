@@ -149,6 +149,8 @@ class TrainSection:
                                          # wsiseg-train or .pt) whose softmax the patches of sets
                                          # with teacher = true learn (not mosaic / island ones)
     teacher_weight: float = 1.0          # weight of that term against the labelled loss
+    teacher_width: int = 0               # the teacher's model.width when it differs from the
+                                         # model's (0 = the same): a wider student of a teacher
     teacher_label_mix: float = 0.0       # > 0: labelled pixels of taught patches learn
                                          # (1 - mix) * teacher + mix * their label (no class
                                          # balancing): the labels correct an unsure teacher
@@ -306,6 +308,12 @@ def check(cfg: Config) -> None:
     if not 0 <= cfg.train.teacher_label_mix < 1:
         raise ConfigError(f"train.teacher_label_mix must be in [0, 1) (0 = the teacher alone), "
                           f"got {cfg.train.teacher_label_mix}")
+    if cfg.train.teacher_width < 0:
+        raise ConfigError(f"train.teacher_width must be >= 0 (0 = model.width), got "
+                          f"{cfg.train.teacher_width}")
+    if cfg.train.teacher_width and not cfg.train.teacher:
+        raise ConfigError("train.teacher_width needs a teacher (train.teacher and teacher = true "
+                          "on a data set)")
     if not cfg.train.teacher_label_edge_um >= 0:
         raise ConfigError(f"train.teacher_label_edge_um must be >= 0 (0 = the teacher alone), "
                           f"got {cfg.train.teacher_label_edge_um}")

@@ -13,6 +13,7 @@ plain data only and are read without unpickling code (:mod:`.checkpoint`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -73,9 +74,13 @@ def start_from(model: torch.nn.Module, cfg: Config) -> None:
 
 
 def make_teacher(cfg: Config, device: torch.device) -> torch.nn.Module | None:
-    """The frozen ``train.teacher`` (same architecture, evaluation mode), or None."""
+    """The frozen ``train.teacher`` (the model's architecture, at ``train.teacher_width`` when
+    that is set; evaluation mode), or None."""
     if not cfg.train.teacher:
         return None
+    if cfg.train.teacher_width:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 width=cfg.train.teacher_width))
     teacher = make_model(cfg)
     log.info("teacher: %s", _load_into(teacher, cfg, cfg.train.teacher, "teacher"))
     for p in teacher.parameters():
