@@ -150,7 +150,8 @@ class TrainSection:
                                          # with teacher = true learn (not mosaic / island ones)
     teacher_weight: float = 1.0          # weight of that term against the labelled loss
     teacher_width: int = 0               # the teacher's model.width when it differs from the
-                                         # model's (0 = the same): a wider student of a teacher
+                                         # model's (0 = the same), e.g. a wider student of
+                                         # a narrower teacher
     teacher_label_mix: float = 0.0       # > 0: labelled pixels of taught patches learn
                                          # (1 - mix) * teacher + mix * their label (no class
                                          # balancing): the labels correct an unsure teacher
