@@ -192,7 +192,7 @@ def test_ema_out_of_range_is_a_config_error(config):
 
 
 def test_teacher_loss_is_the_soft_cross_entropy_with_no_pull_at_agreement():
-    from wsiseg_train.train import teacher_loss
+    from wsiseg_train.teacher import teacher_loss
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     loss = teacher_loss(logits, logits.detach())
     p = logits.detach().softmax(1)
@@ -217,7 +217,7 @@ def test_teacher_loss_is_the_soft_cross_entropy_with_no_pull_at_agreement():
 
 
 def test_teacher_label_mix_moves_labelled_targets_towards_the_label_only():
-    from wsiseg_train.train import teacher_loss
+    from wsiseg_train.teacher import teacher_loss
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 2, 2)
     teacher = torch.zeros(1, 3, 2, 2)
@@ -242,7 +242,7 @@ def test_teacher_label_mix_moves_labelled_targets_towards_the_label_only():
 
 def test_label_edges_mark_labelled_pixels_near_another_class_only():
     import numpy as np
-    from wsiseg_train.train import label_edges
+    from wsiseg_train.teacher import label_edges
     lab = np.zeros((3, 12, 12), np.uint8)
     lab[0, :, :5] = 1                               # class 1 | one unannotated column | class 2
     lab[0, :, 6:] = 2
@@ -258,7 +258,7 @@ def test_label_edges_mark_labelled_pixels_near_another_class_only():
 
 
 def test_teacher_label_edges_replace_the_teachers_target_by_the_label_there():
-    from wsiseg_train.train import teacher_loss
+    from wsiseg_train.teacher import teacher_loss
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 2, 2)
     teacher = torch.zeros(1, 3, 2, 2)
@@ -282,7 +282,7 @@ def test_teacher_label_edges_replace_the_teachers_target_by_the_label_there():
 
 
 def test_teacher_outputs_average_the_softmax_over_flipped_and_transposed_copies():
-    from wsiseg_train.train import teacher_outputs
+    from wsiseg_train.teacher import teacher_outputs
     torch.manual_seed(0)
     teacher = torch.nn.Conv2d(3, 4, 3, padding=1)     # no symmetry of its own
     x = torch.randn(2, 3, 6, 6)
@@ -352,7 +352,7 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
         load_config(config, ["train.teacher_tta=dihedral"])
     with pytest.raises(ConfigError, match="teacher_edge = \"mirror\" needs a teacher"):
         load_config(config, ["train.teacher_edge=mirror"])
-    with pytest.raises(ConfigError, match="teacher_label_edge_um needs a teacher"):
+    with pytest.raises(ConfigError, match="teacher_label_edge_um = 3.0 needs a teacher"):
         load_config(config, ["train.teacher_label_edge_um=3"])
     # a wider student of the narrower teacher: its width named, or the teacher does not load
     wide = run_with(["model.width=6", "train.teacher_width=4"], "w")
@@ -361,7 +361,7 @@ def test_teacher_sets_learn_the_teachers_outputs(config, full_run, tmp_path):
         train(load_config(taught, ["model.width=6"]), tmp_path / "w2")
     with pytest.raises(ConfigError, match="teacher_width must be >= 0"):
         load_config(taught, ["train.teacher_width=-4"])
-    with pytest.raises(ConfigError, match="teacher_width needs a teacher"):
+    with pytest.raises(ConfigError, match="teacher_width = 4 needs a teacher"):
         load_config(config, ["train.teacher_width=4"])
     # half a teacher is refused: the sets without train.teacher, and train.teacher alone
     (tmp_path / "a.toml").write_text(text)

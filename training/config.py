@@ -149,9 +149,7 @@ class TrainSection:
                                          # wsiseg-train or .pt) whose softmax the patches of sets
                                          # with teacher = true learn (not mosaic / island ones)
     teacher_weight: float = 1.0          # weight of that term against the labelled loss
-    teacher_width: int = 0               # the teacher's model.width when it differs from the
-                                         # model's (0 = the same), e.g. a wider student of
-                                         # a narrower teacher
+    teacher_width: int = 0               # the teacher's model.width if not the model's (0)
     teacher_label_mix: float = 0.0       # > 0: labelled pixels of taught patches learn
                                          # (1 - mix) * teacher + mix * their label (no class
                                          # balancing): the labels correct an unsure teacher
@@ -301,6 +299,15 @@ def check(cfg: Config) -> None:
     if not 0 <= cfg.train.ema < 1:
         raise ConfigError(f"train.ema must be in [0, 1) (0 = off, 0.999 averages about the last "
                           f"1,000 steps), got {cfg.train.ema}")
+    _check_teacher(cfg)
+    m = 2 ** (cfg.model.depth - 1)
+    if cfg.data.patch_px % m:
+        raise ConfigError(f"data.patch_px {cfg.data.patch_px} must be a multiple of {m} for "
+                          f"model.depth {cfg.model.depth}; use {-(-cfg.data.patch_px // m) * m}")
+
+
+def _check_teacher(cfg: Config) -> None:
+    """The train.teacher* keys and the sets marked teacher = true."""
     if any(s.teacher for s in cfg.data.sets) != bool(cfg.train.teacher):
         raise ConfigError("a teacher needs both train.teacher = \"<model>\" and teacher = true on "
                           "the data sets whose patches learn its outputs")
@@ -312,15 +319,9 @@ def check(cfg: Config) -> None:
     if cfg.train.teacher_width < 0:
         raise ConfigError(f"train.teacher_width must be >= 0 (0 = model.width), got "
                           f"{cfg.train.teacher_width}")
-    if cfg.train.teacher_width and not cfg.train.teacher:
-        raise ConfigError("train.teacher_width needs a teacher (train.teacher and teacher = true "
-                          "on a data set)")
     if not cfg.train.teacher_label_edge_um >= 0:
         raise ConfigError(f"train.teacher_label_edge_um must be >= 0 (0 = the teacher alone), "
                           f"got {cfg.train.teacher_label_edge_um}")
-    if cfg.train.teacher_label_edge_um and not cfg.train.teacher:
-        raise ConfigError("train.teacher_label_edge_um needs a teacher (train.teacher and "
-                          "teacher = true on a data set)")
     if cfg.train.teacher_colour not in ("augmented", "original"):
         raise ConfigError(f"train.teacher_colour must be \"augmented\" or \"original\", got "
                           f"{cfg.train.teacher_colour!r}")
@@ -331,15 +332,13 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"train.teacher_edge must be one of {', '.join(TEACHER_EDGE)}, got "
                           f"{cfg.train.teacher_edge!r}")
     for key, plain in (("teacher_tta", "none"), ("teacher_colour", "augmented"),
-                       ("teacher_edge", "glass")):
+                       ("teacher_edge", "glass"), ("teacher_width", 0),
+                       ("teacher_label_edge_um", 0)):
         value = getattr(cfg.train, key)
         if value != plain and not cfg.train.teacher:
-            raise ConfigError(f"train.{key} = \"{value}\" needs a teacher (train.teacher and "
+            shown = f'"{value}"' if isinstance(value, str) else value
+            raise ConfigError(f"train.{key} = {shown} needs a teacher (train.teacher and "
                               "teacher = true on a data set)")
-    m = 2 ** (cfg.model.depth - 1)
-    if cfg.data.patch_px % m:
-        raise ConfigError(f"data.patch_px {cfg.data.patch_px} must be a multiple of {m} for "
-                          f"model.depth {cfg.model.depth}; use {-(-cfg.data.patch_px // m) * m}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
