@@ -37,10 +37,8 @@ def label_edges(labels: np.ndarray, px: float) -> np.ndarray:
         present = [c for c in np.unique(lab) if c]
         if len(present) < 2:
             continue
-        near = {c: ndi.distance_transform_edt(lab != c) <= px for c in present}
-        for c in present:
-            others = np.logical_or.reduce([near[o] for o in present if o != c])
-            out[k] |= (lab == c) & others
+        for c in present:   # distance of each pixel to the nearest pixel of another class
+            out[k] |= (lab == c) & (ndi.distance_transform_edt((lab == 0) | (lab == c)) <= px)
     return out
 
 
