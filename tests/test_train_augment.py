@@ -195,3 +195,20 @@ def test_class_stain_draws():
         AugmentConfig(class_stain_p=1.5, class_stain_classes=("stroma",))
     with pytest.raises(ValueError, match="class_stain_e must be"):
         AugmentConfig(class_stain_e=(0.0, 2.0))
+
+
+def test_grey_p_gives_luminance_only_patches_at_that_rate():
+    """grey_p = 1: every patch is grey (three equal channels, dark stays dark); 0.3: about
+    that share; 0 (default): colour is kept."""
+    image, labels = _pair()
+    grey = augment(image, labels, AugmentConfig(**OFF, grey_p=1.0), np.random.default_rng(0))[0]
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    assert grey[labels == 1, 0].mean() > grey[labels == 0, 0].mean()   # red 250 brighter than 30
+    rng = np.random.default_rng(1)
+    share = np.mean([np.ptp(augment(image, labels, AugmentConfig(**OFF, grey_p=0.3), rng)[0],
+                            axis=2).max() == 0 for _ in range(400)])
+    assert 0.22 < share < 0.38
+    kept = augment(image, labels, AugmentConfig(**OFF), np.random.default_rng(2))[0]
+    assert np.ptp(kept, axis=2).max() > 0
+    with pytest.raises(ValueError, match="grey_p must be"):
+        AugmentConfig(grey_p=1.5)

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.color import hed2rgb, hsv2rgb, lab2rgb, rgb2hed, rgb2hsv, rgb2lab
+from skimage.color import hed2rgb, hsv2rgb, lab2rgb, rgb2gray, rgb2hed, rgb2hsv, rgb2lab
 from skimage.filters import gaussian
 from skimage.transform import warp
 
@@ -69,6 +69,11 @@ class AugmentConfig:
     class_stain_classes: tuple[str, ...] = ()
     class_stain_h: tuple[float, float] = (1.0, 1.0)
     class_stain_e: tuple[float, float] = (1.0, 1.0)
+    # Luminance only (off by default): with probability grey_p the patch, after the whole-patch
+    # colour transforms, becomes its grey level in all three channels, so that the tissue classes must
+    # be told apart by their shapes and textures in those patches, not by one lab's colours.
+    # With train.teacher_colour = "original" the teacher still makes its calls in colour.
+    grey_p: float = 0.0
     probability: float = 0.5             # chance of each non-trivial transform per patch
 
     def __post_init__(self) -> None:
@@ -85,6 +90,8 @@ class AugmentConfig:
         if not 20 <= self.hed_shift_white <= 100:
             raise ValueError(f"hed_shift_white must be a CIELAB lightness in [20, 100], "
                              f"got {self.hed_shift_white}")
+        if not 0 <= self.grey_p <= 1:
+            raise ValueError(f"grey_p must be in [0, 1], got {self.grey_p}")
         if not 0 <= self.class_stain_p <= 1:
             raise ValueError(f"class_stain_p must be in [0, 1], got {self.class_stain_p}")
         if self.class_stain_p and not self.class_stain_classes:
@@ -186,6 +193,8 @@ def photometric(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
     if cfg.lab and rng.random() < cfg.lab_probability:
         x = lab_transfer(x, (rng.uniform(*cfg.lab_l_target), rng.uniform(*cfg.lab_a_target),
                              rng.uniform(*cfg.lab_b_target)))
+    if cfg.grey_p and rng.random() < cfg.grey_p:
+        x = np.repeat(rgb2gray(np.clip(x, 0, 1))[..., None], 3, axis=2).astype(np.float32)
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
