@@ -70,8 +70,8 @@ class AugmentConfig:
     class_stain_h: tuple[float, float] = (1.0, 1.0)
     class_stain_e: tuple[float, float] = (1.0, 1.0)
     # Luminance only (off by default): with probability grey_p the patch, after the whole-patch
-    # colour transforms, becomes its grey level in all three channels, so that the tissue classes must
-    # be told apart by their shapes and textures in those patches, not by one lab's colours.
+    # colour transforms, becomes its grey level in all three channels, so that the tissue
+    # classes must be told apart by their shapes and textures there, not by one lab's colours.
     # With train.teacher_colour = "original" the teacher still makes its calls in colour.
     grey_p: float = 0.0
     probability: float = 0.5             # chance of each non-trivial transform per patch
