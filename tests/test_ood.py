@@ -72,7 +72,11 @@ def test_evaluate_ood_command_on_real_data(shared_data, tmp_path):
     assert result["ebhi_val"]["crops"] == 4 and result["ebhi_lesion_val"]["crops"] == 4
     assert 0.5 < result["ebhi_val"]["epithelium_dice"] <= 1
     assert result["windows"]["windows"] == 8
-    assert out.read_text() == markdown([result]) and len(rows(result)) >= 12
+    assert out.read_text() == markdown([result]) and len(rows(result)) >= 15
+    kc = result["kather2016_context"]
+    assert kc["context"] and not k["context"] and kc["non_tumour_tiles"] == 15
+    assert sum(sum(v.values()) for v in kc["confusion"].values()) == 24
+    assert "| Kather 2016 in context: non-tumour tissue tiles called tumour |" in r.stdout
     assert "| Kather 2016: non-tumour tissue tiles called tumour |" in r.stdout
     assert k["mpp"] == pytest.approx(0.495)
     assert [t["call"] for t in k["tiles"] if t["type"] == "08_EMPTY"].count("background") >= 2
@@ -107,6 +111,32 @@ def test_kather_mosaic_can_declare_another_spacing(shared_data, tmp_path):
                              "tumour_called_tumour": 3, "tumour_tiles": 3}, **_other_figures()}
     assert rows(result)[0][0] == ("Kather 2016 (laid out at 0.99 µm/px): non-tumour tissue tiles "
                                   "called tumour")
+
+
+def test_kather_in_context_calls_the_tile_itself_inside_its_mirror(tmp_path):
+    """In context each tile is mirrored out to 3x its side: the call is made over the centre
+    of the tile itself (here blue, tumour to the colour rule), not of the mirrored block,
+    whose centre half would take in the tile's pink rim (stroma) and its mirror images."""
+    import tifffile
+    from onnx_models import colour_rule_model
+    from wsiseg_train.ood import KATHER_TYPES, kather_calls
+
+    from wsiseg.engine import load_model
+    tile = np.full((150, 150, 3), (230, 60, 90), np.uint8)      # pink rim: stroma
+    tile[25:125, 25:125] = (40, 40, 220)                         # blue centre: tumour
+    for t in KATHER_TYPES:
+        (tmp_path / "tiles" / t).mkdir(parents=True)
+        tifffile.imwrite(tmp_path / "tiles" / t / "a.tif", tile)
+    model = load_model(colour_rule_model(tmp_path / "m.onnx"), device="cpu")
+    work = tmp_path / "work"
+    work.mkdir()
+    _, calls, alone, shares = kather_calls(model, tmp_path / "tiles", work, mpp=0.5)
+    _, calls_c, ctx, shares_c = kather_calls(model, tmp_path / "tiles", work, mpp=0.5,
+                                             context=True)
+    assert calls == calls_c == ["tumour"] * 8
+    assert all(s["tumour"] == 1.0 for s in shares + shares_c)
+    assert ctx.shape[0] > 2 * alone.shape[0]           # the mirrored blocks, 3x the tiles
+    assert (ctx == 2).sum() > 4 * (alone == 2).sum()   # their mirrored pink rims, all round
 
 
 def _other_figures() -> dict:
