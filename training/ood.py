@@ -315,8 +315,7 @@ def evaluate_ood(model: str | Path, data: Path, *, limit: int = 0, kather_mpp: f
         progress("context-free windows")
         windows = window_check(model, val_crops + les_crops, val_preds + les_preds, work)
     return {"model": path.name, "kather2016": kather, "kather2016_context": kather_context,
-            "ebhi_val": val,
-            "ebhi_lesion_val": lesions, "windows": windows}
+            "ebhi_val": val, "ebhi_lesion_val": lesions, "windows": windows}
 
 
 # -- the table ---------------------------------------------------------------------------
